@@ -1,0 +1,180 @@
+"""Collect pooled activations at many sites in one batched pass.
+
+Texts are tokenized, sorted by length (less padding), run through the model in batches with
+hooks that pool each site's activation per text — masked mean over real tokens and/or the last
+real token — and write it into a preallocated (n_texts, d) matrix. Padding never enters a
+statistic, and memory is O(n_texts · d · sites), independent of sequence length. The forward
+pass stops after the deepest requested site.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .sites import Site
+
+Pooling = Literal["mean", "last"]
+POOLINGS: tuple[str, ...] = ("mean", "last")
+
+
+class _Stop(Exception):
+    """Raised inside a hook once every site of the batch is captured."""
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token its EOS token as pad (the usual causal-LM choice)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set one first")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def max_model_length(model: nn.Module, tokenizer=None) -> int:
+    cfg = getattr(model, "config", None)
+    limits = [
+        getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+    ]
+    if tokenizer is not None:
+        limits.append(getattr(tokenizer, "model_max_length", None))
+    valid = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**8]
+    return min(valid) if valid else 2048
+
+
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int, *, truncate_left: bool = True
+) -> list[list[int]]:
+    """Token ids per text (with the tokenizer's special tokens), truncated to ``max_length``."""
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    out, cut = [], 0
+    for i, row in enumerate(ids):
+        if len(row) == 0:
+            raise ValueError(f"text #{i} is empty after tokenization")
+        if len(row) > max_length:
+            cut += 1
+            row = row[-max_length:] if truncate_left else row[:max_length]
+        out.append(list(row))
+    if cut:
+        warnings.warn(f"{cut} of {len(ids)} texts were longer than {max_length} tokens: truncated")
+    return out
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Left-pad token rows into (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_for(mask: Tensor) -> Tensor:
+    """Positions that ignore left padding, so a padded row sees the positions it has alone."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward_kwargs(model: nn.Module, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Inputs for a plain forward pass of a left-padded batch (position ids where accepted)."""
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = position_ids_for(mask)
+    return kwargs
+
+
+def pool(x: Tensor, mask: Tensor, how: str) -> Tensor:
+    """Pool (batch, tokens, d) over real tokens: masked mean, or the last real token."""
+    m = mask.to(x.device, torch.float32)
+    if how == "mean":
+        return (x.float() * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+    if how == "last":
+        pos = torch.arange(m.shape[1], device=x.device)
+        last = (m * pos).argmax(1)  # index of the last real token (left or right padding)
+        return x[torch.arange(x.shape[0], device=x.device), last].float()
+    raise ValueError(f"unknown pooling {how!r}; choose from {POOLINGS}")
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    sites: Sequence[Site],
+    *,
+    pooling: Sequence[str] = ("mean",),
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> dict[str, dict[str, Tensor]]:
+    """Pooled activations: ``result[site.name][pooling]`` is a float32 CPU (n_texts, d) matrix."""
+    if len(texts) == 0:
+        raise ValueError(f"{desc}: no texts given")
+    for how in pooling:
+        if how not in POOLINGS:
+            raise ValueError(f"unknown pooling {how!r}; choose from {POOLINGS}")
+    ensure_pad_token(tokenizer)
+    limit = max_length or max_model_length(model, tokenizer)
+    rows = tokenize(tokenizer, texts, limit)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    device = next(model.parameters()).device
+    out: dict[str, dict[str, Tensor]] = {s.name: {} for s in sites}
+    state: dict[str, object] = {}
+    captured: set[str] = set()
+
+    def make_hook(site: Site):
+        def store(x: Tensor) -> None:
+            mask, idx = state["mask"], state["idx"]
+            for how in pooling:
+                pooled = pool(x, mask, how).cpu()  # type: ignore[arg-type]
+                if how not in out[site.name]:
+                    out[site.name][how] = torch.empty(len(rows), pooled.shape[-1])
+                out[site.name][how][idx] = pooled  # type: ignore[index]
+            captured.add(site.name)
+            if len(captured) == len(sites):
+                raise _Stop
+
+        if site.io == "input":
+            return lambda module, args: store(args[0])
+
+        def hook(module, args, output):
+            x = output if isinstance(output, Tensor) else output[site.tuple_index or 0]
+            store(x)
+
+        return hook
+
+    handles = []
+    try:
+        for s in sites:
+            module = model.get_submodule(s.module)
+            if s.io == "input":
+                handles.append(module.register_forward_pre_hook(make_hook(s)))
+            else:
+                handles.append(module.register_forward_hook(make_hook(s)))
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, device)
+            state["mask"], state["idx"] = mask, torch.tensor(batch)
+            captured.clear()
+            try:
+                model(**forward_kwargs(model, ids, mask), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    for name, pools in out.items():
+        for how, mat in pools.items():
+            if not torch.isfinite(mat).all():
+                raise ValueError(
+                    f"activations at site {name!r} ({how}) contain NaN or inf: the model overflows "
+                    f"in its dtype (try float32 or bf16)"
+                )
+    return out

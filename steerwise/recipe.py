@@ -1,0 +1,194 @@
+"""A fitted steering as a directory: sites + maps + gates + metadata.
+
+Layout (nothing is pickled; loading never executes code)::
+
+    DIR/steerwise.json         everything but tensors: format, library version, model identity
+                               (type, hidden size, layer count), method, gate, default strength,
+                               fit data sizes and options, and per site: site, map and gate
+                               configs, layer scale, diagnostics (gate/probe accuracy, ...)
+    DIR/steering.safetensors   tensors, keyed ``entries.<i>.map.<name>`` / ``entries.<i>.gate.<name>``
+
+``Recipe.apply(model, strength)`` checks the model matches and returns a ``SteeringHandle``
+(a context manager).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .gates.base import gate_from_config
+from .hooks import SiteSteering, SteeringHandle
+from .maps.base import map_from_config
+from .sites import Site, hidden_size, model_type, num_layers
+
+CONFIG_NAME = "steerwise.json"
+TENSORS_NAME = "steering.safetensors"
+FORMAT = "steerwise-recipe"
+FORMAT_VERSION = 1
+
+
+class RecipeMismatchError(ValueError):
+    """A recipe applied to a model it was not fitted for."""
+
+
+@dataclass
+class ModelIdentity:
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    name_or_path: str = ""
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelIdentity:
+        cfg = getattr(model, "config", None)
+        return cls(
+            model_type=model_type(model),
+            hidden_size=hidden_size(model),
+            num_layers=num_layers(model),
+            name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+        )
+
+
+@dataclass
+class Recipe:
+    """A fitted steering: a list of ``SiteSteering`` entries plus metadata."""
+
+    model: ModelIdentity
+    entries: list[SiteSteering]
+    method: str
+    gate: str
+    default_strength: float = 1.0
+    fit_info: dict[str, Any] = field(default_factory=dict)
+
+    # ---- applying --------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``RecipeMismatchError`` naming every difference from the fitted model."""
+        other = ModelIdentity.of(model)
+        problems = []
+        if other.model_type != self.model.model_type:
+            problems.append(f"model type {other.model_type!r} (recipe: {self.model.model_type!r})")
+        if other.hidden_size != self.model.hidden_size:
+            problems.append(f"hidden size {other.hidden_size} (recipe: {self.model.hidden_size})")
+        if other.num_layers != self.model.num_layers:
+            problems.append(f"{other.num_layers} layers (recipe: {self.model.num_layers})")
+        if problems:
+            raise RecipeMismatchError(
+                "this recipe was fitted for another model: the given model has "
+                + ", ".join(problems)
+            )
+
+    def apply(
+        self, model: nn.Module, strength: float | None = None, *, trace: bool = False
+    ) -> SteeringHandle:
+        """Install the steering on ``model``; use as ``with recipe.apply(model, 4.0): ...``."""
+        self.check_model(model)
+        s = self.default_strength if strength is None else float(strength)
+        return SteeringHandle(model, self.entries, s, trace=trace)
+
+    @property
+    def sites(self) -> list[Site]:
+        return [e.site for e in self.entries]
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        return [{"site": e.site.name, "scale": e.scale, **e.diagnostics} for e in self.entries]
+
+    # ---- saving and loading ----------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "model": vars(self.model),
+            "method": self.method,
+            "gate": self.gate,
+            "default_strength": self.default_strength,
+            "fit": self.fit_info,
+            "entries": [
+                {
+                    "site": e.site.to_json(),
+                    "dim": e.dim,
+                    "map": {"method": e.map.method, "config": e.map.config()},
+                    "gate": {"kind": e.gate.kind, "config": e.gate.config()},
+                    "scale": e.scale,
+                    "diagnostics": e.diagnostics,
+                }
+                for e in self.entries
+            ],
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the recipe; the directory appears complete or not at all."""
+        target = Path(directory)
+        tensors: dict[str, torch.Tensor] = {}
+        for i, e in enumerate(self.entries):
+            for part, module in (("map", e.map), ("gate", e.gate)):
+                for key, value in module.state_dict().items():
+                    tensors[f"entries.{i}.{part}.{key}"] = value.detach().cpu().contiguous()
+        config = self.to_json()
+        text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".steerwise-", dir=target.parent))
+        try:
+            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
+            (tmp / CONFIG_NAME).write_text(text + "\n")
+            if target.exists():
+                for name in (CONFIG_NAME, TENSORS_NAME):
+                    if (target / name).exists():
+                        (target / name).unlink()
+                for name in (CONFIG_NAME, TENSORS_NAME):
+                    os.replace(tmp / name, target / name)
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Recipe:
+        path = Path(directory)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{path} is not a steerwise recipe (no {CONFIG_NAME})")
+        config = json.loads(cfg_path.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path} is not a steerwise recipe (format {config.get('format')!r})")
+        if int(config.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path} uses recipe format {config['format_version']}; this steerwise "
+                f"({__version__}) reads up to {FORMAT_VERSION}: upgrade steerwise"
+            )
+        tensors = load_file(str(path / TENSORS_NAME))
+        ident = ModelIdentity(**config["model"])
+        entries = []
+        for i, ec in enumerate(config["entries"]):
+            site = Site.from_json(ec["site"])
+            dim = int(ec.get("dim", ident.hidden_size))
+            m = map_from_config(ec["map"]["method"], dim, ec["map"]["config"])
+            g = gate_from_config(ec["gate"]["kind"], dim, ec["gate"]["config"])
+            for part, module in (("map", m), ("gate", g)):
+                prefix = f"entries.{i}.{part}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                module.load_state_dict(state, strict=True)
+            entries.append(SiteSteering(site, m, g, ec["scale"], ec.get("diagnostics")))
+        return cls(
+            model=ident,
+            entries=entries,
+            method=config["method"],
+            gate=config["gate"],
+            default_strength=float(config.get("default_strength", 1.0)),
+            fit_info=config.get("fit", {}),
+        )
+
