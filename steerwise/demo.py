@@ -1,0 +1,148 @@
+"""``steerwise demo``: the DSAS paper's Figure-1 idea on the embedded concept-world model.
+
+A CAA vector fitted to induce the word "pear" (fruit sentences without pear → fruit sentences
+with pear) is applied two ways: uniformly (vanilla CAA) and gated by DSAS (per-layer classifiers
+fruit context vs other topics). Vanilla CAA pushes "pear" into every continuation; CAA + DSAS
+mostly only into fruit contexts. The demo prints examples side by side with the gate value of
+every token, and the measured share of continuations that mention "pear" over many prompts.
+Runs offline on 2 CPU cores in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .fit import fit
+from .generate import generate
+from .models import DEFAULT_MODEL, load_model
+from .recipe import Recipe
+from .tasks import concepts
+
+console = Console()
+WORD = "pear"
+
+
+@dataclass
+class DemoResult:
+    """Share of continuations mentioning the word, per prompt group and steering."""
+
+    rates: dict[str, dict[str, float]]  # steering → group → rate
+    n_prompts: dict[str, int]
+    strength: float
+    gate_accuracy: list[float]
+
+
+def mentions(text: str, word: str = WORD) -> bool:
+    return re.search(rf"\b{re.escape(word)}s?\b", text.lower()) is not None
+
+
+def _rate(model, tok, prompts, recipe, strength, seeds, max_new_tokens) -> float:
+    hits = total = 0
+    for seed in seeds:
+        out = generate(model, tok, prompts, recipe, strength, max_new_tokens=max_new_tokens,
+                       seed=seed, do_sample=True, top_p=0.9)
+        hits += sum(mentions(t) for t in out.continuations)
+        total += len(out.continuations)
+    return hits / total
+
+
+def run_demo(
+    model_name: str = DEFAULT_MODEL,
+    *,
+    strength: float = 6.0,
+    n_fit: int = 32,
+    n_prompts: int = 10,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    max_new_tokens: int = 12,
+    layers: str | None = None,
+    html: str | None = None,
+    show: bool = True,
+) -> DemoResult:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.time()
+    model, tok = load_model(model_name, device="cpu")
+    sets = concepts.demo_sets(n_fit, seed=0)
+    common = dict(site="residual", layers=layers, progress=False)
+    vanilla = fit(model, tok, sets["source"], sets["control"], sets["target"], gate="none", **common)
+    gated = fit(model, tok, sets["source"], sets["control"], sets["target"], gate="dsas", **common)
+    accs = [e.diagnostics["gate_accuracy"] for e in gated.entries]
+    prompts = concepts.demo_prompts(seed=0, n_per_topic=n_prompts)
+    groups = {
+        "fruit prompts": prompts["fruit"],
+        "other prompts": [p for topic, ps in prompts.items() if topic != "fruit" for p in ps],
+    }
+    steerings: dict[str, Recipe | None] = {"unsteered": None, "CAA": vanilla, "CAA + DSAS": gated}
+    if show:
+        console.rule("[bold]steerwise demo: inducing 'pear' — everywhere, or only where it fits")
+        console.print(
+            f"model: {model_name} · fit on {n_fit} fruit-without-pear (source), {n_fit} "
+            f"fruit-with-pear (target), {n_fit} other-topic (control) sentences · strength {strength}"
+        )
+        table = Table(title="DSAS gate accuracy per layer (fruit vs other, 5-fold CV)")
+        for e in gated.entries:
+            table.add_column(e.site.name, justify="right")
+        table.add_row(*[f"{a:.2f}" for a in accs])
+        console.print(table)
+        _show_examples(model, tok, groups, vanilla, gated, strength, html)
+    rates: dict[str, dict[str, float]] = {}
+    for name, recipe in steerings.items():
+        rates[name] = {
+            g: _rate(model, tok, ps, recipe, strength, seeds, max_new_tokens)
+            for g, ps in groups.items()
+        }
+    result = DemoResult(rates, {g: len(p) * len(seeds) for g, p in groups.items()}, strength, accs)
+    if show:
+        table = Table(title=f"share of sampled continuations that mention '{WORD}'")
+        table.add_column("steering")
+        for g in groups:
+            table.add_column(f"{g} (n={result.n_prompts[g]})", justify="right")
+        for name, by_group in rates.items():
+            table.add_row(name, *[f"{100 * r:.0f} %" for r in by_group.values()])
+        console.print(table)
+        console.print(
+            "Vanilla CAA puts the word everywhere; the DSAS gate keeps it to fruit contexts, "
+            f"where the per-token gate is high. ({time.time() - t0:.0f} s)"
+        )
+    return result
+
+
+def _show_examples(model, tok, groups, vanilla, gated, strength, html) -> None:
+    examples = [groups["fruit prompts"][0], groups["other prompts"][0],
+                groups["other prompts"][len(groups["other prompts"]) // 2]]
+    base = generate(model, tok, examples, None, max_new_tokens=10)
+    caa = generate(model, tok, examples, vanilla, strength, max_new_tokens=10)
+    dsas = generate(model, tok, examples, gated, strength, max_new_tokens=10, explain=True)
+    for i, prompt in enumerate(examples):
+        console.print(f"\n[bold]{prompt}[/] …")
+        console.print(f"  [dim]unsteered :[/] {base.continuations[i]}")
+        console.print(f"  [dim]CAA       :[/] {caa.continuations[i]}")
+        console.print(f"  [dim]CAA + DSAS:[/] {dsas.continuations[i]}")
+        console.print("  [dim]gate (mean over layers, red = steered):[/] ", end="")
+        console.print(dsas.trace.to_rich(i))  # type: ignore[union-attr]
+    if html and dsas.trace is not None:
+        path = dsas.trace.save_html(html, title="steerwise demo: DSAS gate values")
+        console.print(f"\ngate heat map (tokens × layers) written to {path}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.model, strength=args.strength, n_fit=args.n_fit, n_prompts=args.n_prompts,
+             seeds=tuple(range(args.seeds)), html=args.html)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo: CAA vs CAA + DSAS on the embedded model")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
+    p.add_argument("--strength", type=float, default=6.0)
+    p.add_argument("--n-fit", type=int, default=32, help="examples per fitting set")
+    p.add_argument("--n-prompts", type=int, default=10, help="prompts per topic")
+    p.add_argument("--seeds", type=int, default=3, help="sampling seeds per prompt")
+    p.add_argument("--html", default=None, help="also write the gate heat map to this HTML file")
+    p.set_defaults(func=_cmd_demo)
