@@ -1,0 +1,78 @@
+"""The command line and text loading, end to end on a tiny model saved to disk."""
+
+import json
+
+import pytest
+
+from conftest import make_model, make_tokenizer
+from steerwise.cli import main
+from steerwise.data import load_texts
+from steerwise.recipe import Recipe
+
+FRUIT = ["the apple is sweet and ripe", "a pear is a sweet fruit", "the banana is ripe and sweet",
+         "sweet apple and ripe pear", "a ripe banana is a fruit", "the pear was sweet and good"]
+OTHER = ["the car is fast on the road", "a dog runs in the rain", "the rain is cold and bad",
+         "the train was fast and big", "a cat sleeps in the sun", "the band song is good music"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    make_model("qwen2").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_load_texts_txt_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    assert load_texts(tmp_path / "a.txt") == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n{"text": "y", "label": 1}\n')
+    assert load_texts(tmp_path / "b.jsonl") == ["x", "y"]
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n{"body": "y"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:2: no string field 'text'"):
+        load_texts(tmp_path / "c.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"text": \n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1: not valid JSON"):
+        load_texts(tmp_path / "d.jsonl")
+    (tmp_path / "e.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no texts"):
+        load_texts(tmp_path / "e.txt")
+
+
+def test_fit_then_generate_from_the_command_line(model_dir, tmp_path, capsys):
+    (tmp_path / "s.txt").write_text("\n".join(FRUIT))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in OTHER))
+    out = tmp_path / "recipe"
+    rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),
+               "--control", str(tmp_path / "c.jsonl"), "--cv-folds", "3", "--whiten",
+               "--layers", "0-1", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "gate accuracy" in text and "residual.1" in text
+    recipe = Recipe.from_pretrained(out)
+    assert [e.site.layer for e in recipe.entries] == [0, 1]
+    assert recipe.fit_info["n_source"] == 6 and recipe.fit_info["n_control"] == 6
+    html = tmp_path / "g.html"
+    rc = main(["generate", "--model", str(model_dir), "--recipe", str(out), "--strength", "2",
+               "--explain", "--compare", "--html", str(html), "--max-new-tokens", "4",
+               "the apple is", "a car"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "unsteered:" in text and "steered:" in text
+    assert html.read_text().startswith("<!doctype html>")
+
+
+def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
+    (tmp_path / "s.txt").write_text("\n".join(FRUIT[:2]))
+    rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),
+               "--control", str(tmp_path / "s.txt"), "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert "too little data" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+    rc = main(["generate", "--model", str(model_dir), "--recipe", str(tmp_path / "nope"), "x"])
+    assert rc == 2 and "not a steerwise recipe" in capsys.readouterr().out
+
+
+def test_sites_command(model_dir, capsys):
+    assert main(["sites", "--model", str(model_dir)]) == 0
+    assert "model.layers.0.self_attn.o_proj (input)" in capsys.readouterr().out
