@@ -94,6 +94,10 @@ class SteeringHandle:
                 self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
             )
             fallback = next(self.model.parameters()).device
+            for entry in self.entries:  # gates that share state (CAST) find their partners
+                link = getattr(entry.gate, "link", None)
+                if callable(link):
+                    link(self.entries)
             for entry in self.entries:
                 module = self._get_module(entry.site)
                 entry.to(_module_device(module, fallback))
@@ -174,9 +178,9 @@ class SteeringHandle:
             return None
         delta = entry.map.delta(t)
         if gate is None:
-            out = t + coef * delta
-        else:
-            out = torch.addcmul(t, (coef * gate).unsqueeze(-1), delta)
+            out = torch.add(t, delta, alpha=coef)
+        else:  # one fused kernel: t + coef · gate · delta
+            out = torch.addcmul(t, gate.unsqueeze(-1), delta, value=coef)
         if channel_dim not in (-1, x.ndim - 1):
             out = out.movedim(-1, channel_dim)
         return out.to(x.dtype)
