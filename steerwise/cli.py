@@ -55,7 +55,9 @@ def diagnostics_table(recipe, title: str = "per-site diagnostics") -> Table:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .data import load_texts
     from .fit import FitOptions, fit
+    from .gates.cast import CASTOptions
     from .gates.dsas import DSASOptions
+    from .maps.lineas import LinEASOptions
     from .models import load_model
 
     source = load_texts(args.source, limit=args.limit)
@@ -68,11 +70,28 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         dsas=DSASOptions(n_components=args.n_components, cv_folds=args.cv_folds,
                          threshold=args.threshold, below_threshold=args.below_threshold,
                          whiten=args.whiten, seed=args.seed),
+        map_options={k: v for k, v in (("top_k_heads", args.top_k_heads),
+                                       ("support", args.support), ("seed", args.seed))
+                     if v is not None},
+        lineas=LinEASOptions(steps=args.lineas_steps, lr=args.lineas_lr,
+                             batch_size=args.lineas_batch_size, l1=args.l1,
+                             group_l1=args.group_l1, gamma=args.gamma, e2e_gate=args.e2e_gate,
+                             e2e_init=args.e2e_init, seed=args.seed),
+        cast=CASTOptions(condition_layer=args.cast_layer, cv_folds=args.cv_folds, seed=args.seed),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recipe = fit(model, tok, source, control, target, opts)
     console.print(diagnostics_table(recipe))
+    training = recipe.fit_info.get("training")
+    if training:
+        line = (f"end-to-end training ({training['trained']}): W2 {training['w2_initial']:.4g} → "
+                f"{training['w2_final']:.4g} in {training['steps']} steps, "
+                f"{training['seconds']:.1f} s")
+        if "active_dims" in training:
+            line += (f"; active dims {training['active_dims']}/{training['total_dims']}, "
+                     f"layers {training['active_layers']}/{training['total_layers']}")
+        console.print(line)
     for w in caught:
         console.print(f"[yellow]warning:[/] {w.message}")
     recipe.fit_info["model_name"] = args.model
@@ -161,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--below-threshold", default="skip", choices=["skip", "constant"])
     p.add_argument("--whiten", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("method options (see docs/methods.md)")
+    m.add_argument("--top-k-heads", type=int, default=None,
+                   help="ITI on --site heads: steer the K heads of best probe accuracy (48)")
+    m.add_argument("--support", action=argparse.BooleanOptionalAction, default=None,
+                   help="AcT: apply only inside the source support (default: on for linear-act)")
+    m.add_argument("--lineas-steps", type=int, default=1000, help="LinEAS / E2E training steps")
+    m.add_argument("--lineas-lr", type=float, default=1e-3)
+    m.add_argument("--lineas-batch-size", type=int, default=4)
+    m.add_argument("--l1", type=float, default=0.0, help="LinEAS L1 proximal weight")
+    m.add_argument("--group-l1", type=float, default=0.0, help="LinEAS per-layer group-lasso weight")
+    m.add_argument("--gamma", type=float, default=1.0, help="E2E-DSAS control-term weight γ")
+    m.add_argument("--e2e-gate", default="sigmoid", choices=["sigmoid", "relu"])
+    m.add_argument("--e2e-init", default="dsas", choices=["dsas", "zero"])
+    m.add_argument("--cast-layer", type=int, default=None,
+                   help="CAST condition layer (default: best held-out F1)")
     p.add_argument("--out", required=True, help="recipe directory to write")
     p.set_defaults(func=_cmd_fit)
 
@@ -196,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         return 2
 
 

@@ -1,0 +1,66 @@
+"""E2E-DSAS gates: per-layer gates learned end to end together with the steering maps.
+
+``g_l(z) = sigmoid(a_l·z + c_l)`` (sigmoid variant, default) or ``relu(a_l·z + c_l)`` (ReLU
+variant), with ``a_l`` (d,) and ``c_l`` (scalar) trainable ``nn.Parameter``s, saved and loaded
+with the recipe. They are trained by the LinEAS loop (``steerwise.maps.lineas.train_end_to_end``)
+with the loss ``W2(steered S, T) + γ·mean_l ‖T̃_l(z_c) − z_c‖`` so they learn to open on source
+text and stay shut on control text.
+
+Initialisation [choice]: from the offline DSAS gate of the layer (default) — the sigmoid variant
+takes its folded ``(ŵ, b̂)`` as is; the ReLU variant takes the tangent of the sigmoid at 0,
+``relu(ŵ·z/4 + b̂/4 + 1/2)``, which matches the DSAS gate near its decision boundary and is 0
+where the DSAS logit is below −2 — or from zero (``a = 0``, ``c = 0`` / ``1/2``: 0.5
+everywhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .base import Gate, StepContext, register_gate
+
+ACTIVATIONS = ("sigmoid", "relu")
+
+
+@register_gate
+class E2EGate(Gate):
+    kind = "e2e"
+
+    def __init__(
+        self, weight: Tensor, bias: Tensor, activation: Literal["sigmoid", "relu"] = "sigmoid"
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown E2E gate activation {activation!r}; choose from {ACTIVATIONS}")
+        self.activation = activation
+        self.weight = nn.Parameter(weight.detach().float().reshape(-1).clone())
+        self.bias = nn.Parameter(bias.detach().float().reshape(()).clone())
+
+    def forward(self, t: Tensor, ctx: StepContext) -> Tensor:
+        z = t @ self.weight + self.bias
+        return torch.sigmoid(z) if self.activation == "sigmoid" else torch.relu(z)
+
+    def config(self) -> dict[str, Any]:
+        return {"activation": self.activation}
+
+    @classmethod
+    def empty(cls, dim: int, config: dict[str, Any]) -> E2EGate:
+        return cls(torch.zeros(dim), torch.zeros(()), config.get("activation", "sigmoid"))
+
+    @classmethod
+    def init(
+        cls, dim: int, activation: str = "sigmoid", dsas_weight: Tensor | None = None,
+        dsas_bias: Tensor | float | None = None,
+    ) -> E2EGate:
+        """A gate started from a DSAS gate's folded ``(ŵ, b̂)``, or from zero when omitted."""
+        if dsas_weight is None:
+            bias = 0.5 if activation == "relu" else 0.0
+            return cls(torch.zeros(dim), torch.tensor(bias), activation)  # type: ignore[arg-type]
+        w = dsas_weight.detach().float()
+        b = torch.as_tensor(dsas_bias, dtype=torch.float32)
+        if activation == "relu":
+            return cls(w / 4.0, b / 4.0 + 0.5, "relu")
+        return cls(w, b, activation)  # type: ignore[arg-type]
