@@ -14,10 +14,12 @@ Layout (nothing is pickled; loading never executes code)::
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,13 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelIdentity:
+        root = type(model).__module__.split(".")[0]
+        if root in IDENTITY_MODULES:  # e.g. diffusers denoisers: described by their own module
+            importlib.import_module(IDENTITY_MODULES[root])
+        for provider in _IDENTITY_PROVIDERS:
+            ident = provider(model)
+            if ident is not None:
+                return ident
         cfg = getattr(model, "config", None)
         return cls(
             model_type=model_type(model),
@@ -58,6 +67,21 @@ class ModelIdentity:
             num_layers=num_layers(model),
             name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
         )
+
+
+# Extension point for models that are not transformers language models: a provider returns the
+# identity of a model it knows (or None); IDENTITY_MODULES names the steerwise module that
+# registers the provider for models of a given top-level package, imported on first use.
+IdentityProvider = Callable[[nn.Module], "ModelIdentity | None"]
+_IDENTITY_PROVIDERS: list[IdentityProvider] = []
+IDENTITY_MODULES: dict[str, str] = {"diffusers": "steerwise.diffusion.sites"}
+
+
+def register_identity_provider(provider: IdentityProvider) -> IdentityProvider:
+    """Register how to describe (type, width, layer count) a family of non-LM models."""
+    if provider not in _IDENTITY_PROVIDERS:
+        _IDENTITY_PROVIDERS.append(provider)
+    return provider
 
 
 @dataclass

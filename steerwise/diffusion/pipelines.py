@@ -1,0 +1,43 @@
+"""Loading a diffusers pipeline from a hub id, a local directory, or a built-in tiny name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def require_diffusers() -> None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "steerwise's diffusion support needs diffusers: pip install 'steerwise[diffusion]'"
+        ) from exc
+
+
+def load_pipeline(name_or_path: str, *, dtype: str = "float32", device: str | None = None) -> Any:
+    """A diffusers pipeline: ``tiny-sd`` / ``tiny-sd3`` (random, offline), a hub id or a path.
+
+    Hub ids honour ``HF_HUB_OFFLINE`` like any diffusers tool (offline: the local cache only).
+    """
+    require_diffusers()
+    from .testing import TINY_PIPELINES, tiny_pipeline
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if name_or_path in TINY_PIPELINES:
+        pipe = tiny_pipeline(name_or_path)
+        if dtype != "float32":
+            pipe = pipe.to(dtype=DTYPES[dtype])
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=DTYPES[dtype])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
