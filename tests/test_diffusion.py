@@ -228,6 +228,12 @@ def test_sd_pipeline_fit_generate_strength_zero_and_round_trip(sd, sd_recipe, tm
     again = generate_images(sd, prompts, loaded, 30.0, seed=3, **IMG)
     assert np.array_equal(_pixels(again.images), _pixels(steered.images))
 
+    # a one-bucket recipe also applies through the engine's Recipe.apply on the denoiser
+    with sd_recipe.apply(sd.unet, 30.0), torch.no_grad():
+        direct = sd(prompts, generator=[torch.Generator().manual_seed(3 + i) for i in range(2)],
+                    **IMG).images
+    assert np.array_equal(_pixels(direct), _pixels(steered.images))
+
     # the same maps without gates (plain CAA) steer differently
     plain = generate_images(sd, prompts, without_gates(sd_recipe), 30.0, seed=3, **IMG)
     assert not np.array_equal(_pixels(plain.images), _pixels(steered.images))
@@ -323,6 +329,8 @@ def test_fit_from_activations_validates_buckets():
     recipe = fit_from_activations(ident, [site], acts, {"s": [torch.randn(6, 8)]}, None,
                                   DiffusionFitOptions(gate="none"))
     assert recipe.gate == "none" and len(recipe.entries) == 1
+    with pytest.raises(ValueError, match="trained end to end|unknown"):
+        fit_from_activations(ident, [site], acts, acts, None, DiffusionFitOptions(method="lineas"))
     with pytest.raises(ValueError, match="edges"):
         fit_from_activations(ident, [site], acts, acts, None, DiffusionFitOptions(gate="none"),
                              edges=[0.0, 0.5, 1.0])
@@ -399,3 +407,14 @@ def test_cli_fit_generate_and_lazy_import(tmp_path):
     code = "import sys, steerwise.cli as c; c.build_parser(); print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # `steerwise --help` does not import diffusers
+
+
+@pytest.mark.parametrize("method", ["linear-act", "iti"])
+def test_other_offline_maps_fit_and_steer(sd, method):
+    recipe = fit_diffusion(sd, CONCEPT, OTHER, STYLE, method=method, gate="none", layers="0",
+                           num_inference_steps=2, height=32, width=32,
+                           map_options={"cv_folds": 3} if method == "iti" else {})
+    assert recipe.method == method and recipe.entries[0].site.channel_dim == 1
+    base = generate_images(sd, ["a banana"], None, **IMG)
+    steered = generate_images(sd, ["a banana"], recipe, 1.0 if method == "linear-act" else 20.0, **IMG)
+    assert not np.array_equal(_pixels(base.images), _pixels(steered.images))

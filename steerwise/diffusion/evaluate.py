@@ -191,13 +191,14 @@ def sweep_grid(result: SweepResult, *, tile: int = 128):
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
     for r, (prompt, group) in enumerate(zip(result.prompts, result.groups)):
-        text = ("* " if group == "concept" else "  ") + (prompt if len(prompt) <= 26 else prompt[:25] + "…")
+        short = prompt if len(prompt) <= 26 else prompt[:23] + "..."
+        text = ("* " if group == "concept" else "  ") + short
         draw.text((4, 2 * head_h + r * tile + tile // 2 - 6), text, fill="black")
     for v, name in enumerate(result.variants):
         x0 = label_w + v * (panel_w + gap)
         draw.text((x0 + 4, 4), name.upper(), fill="black")
         for c, lam in enumerate(result.strengths):
-            draw.text((x0 + c * tile + 4, head_h + 4), f"λ={lam:g}", fill="black")
+            draw.text((x0 + c * tile + 4, head_h + 4), f"lambda={lam:g}", fill="black")
             for r, image in enumerate(result.images[name][lam]):
                 grid.paste(image.convert("RGB").resize((tile, tile)), (x0 + c * tile, 2 * head_h + r * tile))
     return grid

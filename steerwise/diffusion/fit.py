@@ -89,9 +89,14 @@ def _prompts(name: str, prompts: Sequence[str] | None) -> list[str] | None:
 
 
 def _check(opts: DiffusionFitOptions) -> DSASOptions:
-    if opts.method not in MAP_REGISTRY or not hasattr(MAP_REGISTRY[opts.method], "fit"):
-        fittable = sorted(k for k, v in MAP_REGISTRY.items() if hasattr(v, "fit"))
-        raise ValueError(f"unknown or non-offline method {opts.method!r}; use one of: {', '.join(fittable)}")
+    offline = sorted(  # maps fitted from pooled activations (not end to end through the model)
+        k for k, v in MAP_REGISTRY.items() if hasattr(v, "fit") and not getattr(v, "end_to_end", False)
+    )
+    if opts.method not in offline:
+        raise ValueError(
+            f"method {opts.method!r} is unknown or trained end to end (not supported on diffusion "
+            f"pipelines); use one of: {', '.join(offline)}"
+        )
     if opts.gate not in DIFFUSION_GATES:
         raise ValueError(f"unknown gate {opts.gate!r}; known: {', '.join(DIFFUSION_GATES)}")
     if opts.map_from not in ("source+control", "source"):
