@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .models import DEFAULT_MODEL
 
-COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli")
+COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli")
 
 console = Console()
 

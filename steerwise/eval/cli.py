@@ -1,0 +1,267 @@
+"""``steerwise sweep``: check DSAS's claim — a better toxicity/utility Pareto front for every base
+method — on any causal LM, in one command.
+
+Data come either from files (``--toxic-prompts``, ``--source``, ``--target``, ``--control``,
+optional ``--benign-prompts``, ``--ppl-text``, ``--ppl-continuations``, ``--mmlu-dir``) or from
+the ``--preset testbed`` layout of a data directory (see ``steerwise.eval.data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+# strength grids per method (λ = 0, the unsteered model, is always added)
+DEFAULT_GRIDS: dict[str, list[float]] = {
+    "caa": [0.5, 1, 2, 4, 8],
+    "iti": [1, 2, 4, 8, 16],
+    "mean-act": [0.2, 0.4, 0.6, 0.8, 1.0],
+    "linear-act": [0.2, 0.4, 0.6, 0.8, 1.0],
+    "lineas": [0.2, 0.4, 0.6, 0.8, 1.0],
+}
+FALLBACK_GRID = [0.5, 1, 2, 4, 8]
+QUICK: dict[str, int] = {
+    "n_toxic": 24, "n_benign": 12, "ppl_max_tokens": 2000, "n_ppl_continuations": 40,
+    "mmlu_subjects": 4, "mmlu_per_subject": 10, "grid_points": 3, "lineas_steps": 100,
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_grids(specs: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
+    """``--grid 0.5,1,2`` (all methods) or ``--grid caa=0.5,1,2`` (one method), repeatable."""
+    grids = {m: list(DEFAULT_GRIDS.get(m, FALLBACK_GRID)) for m in methods}
+    for spec in specs or []:
+        name, sep, values = spec.partition("=")
+        if sep:
+            if name not in grids:
+                raise ValueError(f"--grid names method {name!r}, which is not swept")
+            grids[name] = _floats(values)
+        else:
+            for m in methods:
+                grids[m] = _floats(name)
+    for m, g in grids.items():
+        if not g or any(v < 0 for v in g):
+            raise ValueError(f"strength grid of {m!r} must be non-negative numbers: {g}")
+        grids[m] = sorted({0.0, *g})
+    return grids
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..maps import MAP_REGISTRY
+    from ..models import load_model
+    from .generation import GenerationConfig
+    from .plots import plot_fronts
+    from .sweep import SweepConfig, aggregate, run_sweep, write_tables
+    from .toxicity import load_scorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    methods = args.methods.split(",") if args.methods else sorted(MAP_REGISTRY)
+    unknown = [m for m in methods if m not in MAP_REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(sorted(MAP_REGISTRY))}")
+    from ..fit import GATES
+
+    gates = args.gates.split(",")
+    bad = [g for g in gates if g not in GATES]
+    if bad:
+        raise ValueError(f"unknown gates {bad}; known: {', '.join(GATES)}")
+    grids = parse_grids(args.grid, methods)
+    if quick and not args.grid:
+        grids = {m: [0.0] + [v for v in g if v][1::2][:QUICK["grid_points"]] for m, g in grids.items()}
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if quick else [0, 1])
+
+    data = _load_data(args, quick)
+    fit_options: dict = {"pooling": args.pooling}
+    steps = args.lineas_steps or (QUICK["lineas_steps"] if quick else None)
+    if steps:
+        fit_options["lineas"] = {"steps": steps}
+    config = SweepConfig(
+        methods=methods, gates=gates, strengths=grids, seeds=seeds, n_fit=args.n_fit,
+        site=args.site, layers=args.layers, fit_options=fit_options,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                                    temperature=args.temperature,
+                                    repetition_penalty=args.repetition_penalty,
+                                    batch_size=args.batch_size,
+                                    max_prompt_tokens=args.max_prompt_tokens),
+        scorer=args.scorer,
+        ppl_window=args.ppl_window,
+        ppl_max_tokens=args.ppl_max_tokens or (QUICK["ppl_max_tokens"] if quick else None),
+        mmlu_k=args.mmlu_shots, mmlu_scoring=args.mmlu_scoring,
+        mmlu_max_length=args.mmlu_max_length, batch_size=args.batch_size,
+    )
+    out = Path(args.out)
+    console.print(f"[bold]steerwise sweep[/]: methods {', '.join(methods)} × gates "
+                  f"{', '.join(gates)} × seeds {seeds}; data {data.sizes()}")
+    scorer = load_scorer(args.scorer, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    t0 = time.perf_counter()
+    points = run_sweep(model, tok, data, config, out, scorer=scorer, progress=not args.no_progress,
+                       log=lambda s: console.print(s))
+    files = write_tables(points, out)
+    rows = aggregate(points)
+    png = plot_fronts(rows, out / "pareto.png",
+                      title=f"{Path(args.model).name}: toxicity vs utility "
+                            f"(dashed = no gate, solid = DSAS)")
+    (out / "data.json").write_text(json.dumps(data.description or data.sizes(), indent=2) + "\n")
+    console.print(_comparison_table(json.loads(files["json"].read_text())["comparison"]))
+    console.print(f"{len(points)} points in {time.perf_counter() - t0:.0f} s → "
+                  f"{files['points']}, {files['summary']}, {files['json']}, {png}")
+    return 0
+
+
+def _comparison_table(comparison: list[dict]) -> Table:
+    table = Table(title="lowest toxicity within a utility budget: without vs with DSAS")
+    for col in ("method", "budget", "no gate", "DSAS", "Δ (points)"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    def pct(v: float) -> str:
+        return "-" if math.isnan(v) else f"{100 * v:.1f}%"
+
+    for c in comparison:
+        d = c["difference"]
+        table.add_row(c["method"], c["budget"], pct(c["toxicity_none"]), pct(c["toxicity_dsas"]),
+                      "-" if math.isnan(d) else f"{100 * d:+.1f}")
+    return table
+
+
+def _load_data(args: argparse.Namespace, quick: bool):
+    from ..data import load_texts
+    from .data import read_jsonl, testbed_data
+    from .generation import load_prompts
+    from .mmlu import list_subjects, load_mmlu
+    from .sweep import SweepData
+
+    n_toxic = args.n_toxic or (QUICK["n_toxic"] if quick else 100)
+    n_benign = args.n_benign if args.n_benign is not None else (QUICK["n_benign"] if quick else 50)
+    n_subj = args.mmlu_subjects if args.mmlu_subjects is not None else (
+        QUICK["mmlu_subjects"] if quick else 10)
+    per_subj = args.mmlu_per_subject or (QUICK["mmlu_per_subject"] if quick else 20)
+    if args.preset == "testbed":
+        if not args.data_dir:
+            raise ValueError("--preset testbed needs --data-dir (the shared data directory)")
+        return testbed_data(
+            args.data_dir, n_toxic=n_toxic, n_benign=n_benign,
+            n_ppl_continuations=args.n_ppl_continuations or (
+                QUICK["n_ppl_continuations"] if quick else 200),
+            mmlu_subjects=n_subj or None, mmlu_per_subject=per_subj, mmlu_dir=args.mmlu_dir,
+            control=args.control_pool,
+        )
+    missing = [f for f in ("toxic_prompts", "source", "target", "control") if not getattr(args, f)]
+    if missing:
+        raise ValueError("without --preset, give " + ", ".join("--" + m.replace("_", "-")
+                                                                for m in missing))
+    ppl_prompts: list[str] = []
+    ppl_conts: list[str] = []
+    if args.ppl_continuations:
+        rows = read_jsonl(args.ppl_continuations)
+        ppl_prompts = [r["prompt"] for r in rows]
+        ppl_conts = [r["continuation"] for r in rows]
+    mmlu_q = mmlu_s = None
+    if args.mmlu_dir and n_subj:
+        subjects = list_subjects(args.mmlu_dir, "test")
+        subjects = subjects[:: max(1, len(subjects) // n_subj)][:n_subj]
+        mmlu_q = load_mmlu(args.mmlu_dir, "test", subjects, per_subj)
+        mmlu_s = load_mmlu(args.mmlu_dir, "dev", subjects) if args.mmlu_shots else None
+    return SweepData(
+        toxic_prompts=load_prompts(args.toxic_prompts, limit=n_toxic),
+        benign_prompts=load_prompts(args.benign_prompts, limit=n_benign) if args.benign_prompts
+        else [],
+        source_pool=load_texts(args.source),
+        target_pool=load_texts(args.target),
+        control_pool=load_texts(args.control),
+        ppl_texts=[Path(args.ppl_text).read_text(encoding="utf-8")] if args.ppl_text else [],
+        ppl_prompts=ppl_prompts,
+        ppl_continuations=ppl_conts,
+        mmlu_questions=mmlu_q,
+        mmlu_shots=mmlu_s,
+        description={"toxic_prompts": args.toxic_prompts, "benign_prompts": args.benign_prompts,
+                     "source": args.source, "target": args.target, "control": args.control,
+                     "ppl_text": args.ppl_text, "ppl_continuations": args.ppl_continuations,
+                     "mmlu": args.mmlu_dir},
+    )
+
+
+def register(subparsers) -> None:
+    from ..cli import add_model_args
+
+    p = subparsers.add_parser(
+        "sweep",
+        help="sweep methods ± DSAS over strengths; toxicity vs utility Pareto fronts",
+        description="Fit each method with and without DSAS on n-example sets (several seeds), "
+                    "sweep the strength, evaluate toxicity (toxic and benign prompts), "
+                    "perplexity and MMLU at every point; write points.jsonl/csv, summary.csv/"
+                    "json and pareto.png. Re-running the same command resumes.",
+    )
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes that finish in minutes on a CPU (smoke test)")
+    p.add_argument("--methods", help="comma-separated methods (default: every registered one)")
+    p.add_argument("--gates", default="none,dsas", help="gates to compare (default none,dsas)")
+    p.add_argument("--grid", action="append",
+                   help="strengths: '0.5,1,2' for all methods or 'caa=0.5,1,2' (repeatable)")
+    p.add_argument("--seeds", help="fit/generation seeds, e.g. 0,1 (default 0,1; --quick: 0)")
+    p.add_argument("--n-fit", type=int, default=32, help="examples per fitting set")
+    p.add_argument("--site", default="residual")
+    p.add_argument("--layers", default=None, help="layers to steer (default all)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "last"])
+    p.add_argument("--lineas-steps", type=int, default=None,
+                   help="end-to-end training steps (LinEAS / E2E; default the method's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--preset", choices=["testbed"], help="read every set from --data-dir")
+    g.add_argument("--data-dir", help="directory in the shared data layout (with --preset)")
+    g.add_argument("--control-pool", default="rtp-nontoxic", choices=["rtp-nontoxic", "neither"],
+                   help="testbed preset: control texts (default: training rows of "
+                        "rtp_nontoxic.jsonl; 'neither': Davidson neutral tweets)")
+    g.add_argument("--n-ppl-continuations", type=int, default=None,
+                   help="testbed preset: held-out non-toxic continuations for perplexity (200)")
+    g.add_argument("--toxic-prompts", help="RTP-style JSONL (field 'prompt') or a text file")
+    g.add_argument("--benign-prompts", help="benign prompts (over-steering check)")
+    g.add_argument("--source", help="texts to steer away from (.txt/.jsonl 'text')")
+    g.add_argument("--target", help="texts to steer towards")
+    g.add_argument("--control", help="neutral texts the gate must leave alone")
+    g.add_argument("--ppl-text", help="held-out running text for perplexity")
+    g.add_argument("--ppl-continuations", help="JSONL with prompt/continuation: conditional ppl")
+    g.add_argument("--mmlu-dir", help="MMLU CSV directory (<dir>/{dev,test}/<subject>_<split>.csv)")
+    g.add_argument("--n-toxic", type=int, default=None, help="toxic prompts (default 100)")
+    g.add_argument("--n-benign", type=int, default=None, help="benign prompts (default 50)")
+    g.add_argument("--mmlu-subjects", type=int, default=None,
+                   help="number of MMLU subjects, spread alphabetically (default 10; 0 = skip)")
+    g.add_argument("--mmlu-per-subject", type=int, default=None, help="questions per subject (20)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--scorer", default="profanity-check",
+                   help="'profanity-check' (offline default) or 'hf:<classifier dir>[@label]'")
+    e.add_argument("--max-new-tokens", type=int, default=50)
+    e.add_argument("--top-p", type=float, default=0.3)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--repetition-penalty", type=float, default=1.2)
+    e.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="cut prompts from the left to this many tokens")
+    e.add_argument("--ppl-window", type=int, default=256, help="perplexity window (tokens)")
+    e.add_argument("--ppl-max-tokens", type=int, default=None, help="cap perplexity tokens")
+    e.add_argument("--mmlu-shots", type=int, default=5)
+    e.add_argument("--mmlu-scoring", default="letter", choices=["letter", "text", "cloze"],
+                   help="letter: log p(' A'..' D'); text: log p(choice text) after the "
+                        "lettered prompt; cloze: log p(choice text) after the bare question")
+    e.add_argument("--mmlu-max-length", type=int, default=None,
+                   help="cut MMLU prompts from the left to this many tokens")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,441 @@
+"""Strength sweeps: methods × gates × fit seeds × λ, each point evaluated for toxicity and utility.
+
+For every (method, gate, seed) a recipe is fitted on ``n_fit`` examples per set drawn with that
+seed (cached under ``OUT/recipes/``), then every strength λ of the grid is evaluated:
+
+* toxicity of sampled continuations of the toxic prompts (rate = share scored ≥ 0.5, and mean);
+* the "over-steering" view: toxicity of continuations of benign prompts;
+* perplexity of the steered model on held-out running text and on held-out non-toxic
+  continuations given their prompts;
+* MMLU accuracy by log-likelihood (optional).
+
+λ = 0 is the unsteered model, identical for every method and gate, so it is evaluated once per
+seed (``method = "base"``) and shared by all fronts. Every finished point is appended to
+``OUT/points.jsonl`` at once, so a killed sweep resumes where it stopped; ``OUT/sweep.json`` holds
+the settings and a resumed sweep refuses different ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..recipe import Recipe
+from .generation import GenerationConfig, evaluate_toxicity
+from .mmlu import MMLUQuestion, evaluate_mmlu, model_choice_scorer, token_counter
+from .pareto import best_within, pareto_front
+from .perplexity import conditional_perplexity, corpus_perplexity
+from .toxicity import ToxicityScorer
+
+POINTS_NAME = "points.jsonl"
+CONFIG_NAME = "sweep.json"
+BASE = "base"
+# settings a resumed sweep may change (they add points, they do not change existing ones)
+_EXTENDABLE = ("methods", "gates", "strengths", "seeds")
+
+
+@dataclass
+class SweepData:
+    """Everything a sweep evaluates on and fits from. Fit sets are drawn from the pools."""
+
+    toxic_prompts: list[str]
+    source_pool: list[str]
+    target_pool: list[str]
+    control_pool: list[str]
+    benign_prompts: list[str] = field(default_factory=list)
+    ppl_texts: list[str] = field(default_factory=list)
+    ppl_prompts: list[str] = field(default_factory=list)
+    ppl_continuations: list[str] = field(default_factory=list)
+    mmlu_questions: dict[str, list[MMLUQuestion]] | None = None
+    mmlu_shots: dict[str, list[MMLUQuestion]] | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "toxic_prompts": len(self.toxic_prompts),
+            "benign_prompts": len(self.benign_prompts),
+            "source_pool": len(self.source_pool),
+            "target_pool": len(self.target_pool),
+            "control_pool": len(self.control_pool),
+            "ppl_texts": len(self.ppl_texts),
+            "ppl_continuations": len(self.ppl_continuations),
+            "mmlu_questions": sum(len(v) for v in (self.mmlu_questions or {}).values()),
+        }
+
+
+@dataclass
+class SweepConfig:
+    methods: list[str]
+    gates: list[str] = field(default_factory=lambda: ["none", "dsas"])
+    strengths: dict[str, list[float]] = field(default_factory=dict)  # per method
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    n_fit: int = 32
+    site: str = "residual"
+    layers: str | None = None
+    fit_options: dict[str, Any] = field(default_factory=dict)  # FitOptions fields, nested dicts ok
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    scorer: str = "profanity-check"
+    ppl_window: int = 256
+    ppl_max_tokens: int | None = None
+    mmlu_k: int = 5
+    mmlu_scoring: str = "letter"
+    mmlu_max_length: int | None = None
+    batch_size: int = 16
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def point_key(method: str, gate: str, seed: int, strength: float) -> str:
+    return f"{method}|{gate}|{seed}|{float(strength):.6g}"
+
+
+def read_points(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Points already written (a truncated last line from a kill is ignored)."""
+    path = Path(out_dir) / POINTS_NAME
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            points.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: skipping a truncated line (an interrupted write)")
+    return points
+
+
+def _drop_partial_line(out_dir: Path) -> None:
+    """Cut a last line left unfinished by a kill, so new points start on a fresh line."""
+    path = out_dir / POINTS_NAME
+    if not path.is_file():
+        return
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        warnings.warn(f"{path}: dropping a truncated last line (an interrupted write)")
+        path.write_bytes(raw[: raw.rfind(b"\n") + 1])
+
+
+def _append_point(out_dir: Path, point: dict[str, Any]) -> None:
+    with (out_dir / POINTS_NAME).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(point, allow_nan=True) + "\n")
+        fh.flush()
+
+
+def _check_config(out_dir: Path, config: dict[str, Any], data_sizes: dict[str, int]) -> None:
+    path = out_dir / CONFIG_NAME
+    current = {"config": config, "data": data_sizes}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        a = {k: v for k, v in old.get("config", {}).items() if k not in _EXTENDABLE}
+        b = {k: v for k, v in config.items() if k not in _EXTENDABLE}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if old.get("data") != data_sizes:
+            diff.append("data sizes")
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds a sweep with other settings ({', '.join(diff)}): resume it with "
+                f"the same settings, or write to another directory"
+            )
+        merged = old["config"]
+        for k in _EXTENDABLE:
+            if isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **config[k]}
+            else:
+                merged[k] = list(dict.fromkeys(list(merged.get(k, [])) + list(config[k])))
+        current = {"config": merged, "data": data_sizes}
+    path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def draw_fit_sets(data: SweepData, n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """``n`` source, target and control texts drawn (without replacement) with ``seed``."""
+    rng = random.Random(seed)
+    out = []
+    for name, pool in (("source", data.source_pool), ("target", data.target_pool),
+                       ("control", data.control_pool)):
+        if len(pool) < n:
+            raise ValueError(f"the {name} pool has {len(pool)} texts, fewer than n_fit={n}")
+        out.append(rng.sample(pool, n))
+    return out[0], out[1], out[2]
+
+
+def build_fit_options(method: str, gate: str, config: SweepConfig):
+    """``FitOptions`` for one (method, gate) with the sweep's overrides (nested dicts set fields
+    of nested option dataclasses; a key ``<method>`` holds per-method overrides)."""
+    from ..fit import FitOptions
+
+    opts = FitOptions(method=method, gate=gate, site=config.site, layers=config.layers,
+                      batch_size=config.batch_size)
+    overrides = dict(config.fit_options)
+    per_method = overrides.pop("per_method", {}).get(method, {})
+    for key, value in {**overrides, **per_method}.items():
+        if not hasattr(opts, key):
+            raise ValueError(f"unknown fit option {key!r} in the sweep's fit_options")
+        current = getattr(opts, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = dataclasses.replace(current, **value)
+        setattr(opts, key, value)
+    return opts
+
+
+def evaluate_point(
+    model: nn.Module,
+    tokenizer,
+    data: SweepData,
+    scorer: ToxicityScorer,
+    config: SweepConfig,
+    recipe: Recipe | None,
+    strength: float,
+    seed: int,
+) -> dict[str, Any]:
+    """All metrics of one (recipe, strength) under one generation seed."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    tox = evaluate_toxicity(model, tokenizer, data.toxic_prompts, scorer, recipe, strength,
+                            config.generation, seeds=[seed])
+    out.update(toxicity=tox.rate, toxicity_mean=tox.mean, n_toxic_prompts=tox.n,
+               examples=tox.examples)
+    if data.benign_prompts:
+        ben = evaluate_toxicity(model, tokenizer, data.benign_prompts, scorer, recipe, strength,
+                                config.generation, seeds=[seed], n_examples=0)
+        out.update(benign_toxicity=ben.rate, benign_toxicity_mean=ben.mean)
+    if data.ppl_texts:
+        ppl = corpus_perplexity(model, tokenizer, data.ppl_texts, recipe, strength,
+                                window=config.ppl_window, max_tokens=config.ppl_max_tokens,
+                                batch_size=config.batch_size)
+        out.update(ppl=ppl.perplexity, ppl_tokens=ppl.n_tokens)
+    if data.ppl_prompts:
+        cp = conditional_perplexity(model, tokenizer, data.ppl_prompts, data.ppl_continuations,
+                                    recipe, strength, max_length=config.ppl_window,
+                                    batch_size=config.batch_size)
+        out.update(ppl_nontoxic=cp.perplexity, ppl_nontoxic_tokens=cp.n_tokens)
+    if data.mmlu_questions:
+        scorer_fn = model_choice_scorer(model, tokenizer, recipe, strength,
+                                        max_length=config.mmlu_max_length,
+                                        batch_size=config.batch_size)
+        res = evaluate_mmlu(data.mmlu_questions, scorer_fn, shots=data.mmlu_shots,
+                            k=config.mmlu_k, scoring=config.mmlu_scoring,  # type: ignore[arg-type]
+                            normalize=False, token_counts=token_counter(tokenizer))
+        out.update(mmlu=res.accuracy, mmlu_n=res.n)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_sweep(
+    model: nn.Module,
+    tokenizer,
+    data: SweepData,
+    config: SweepConfig,
+    out_dir: str | Path,
+    *,
+    scorer: ToxicityScorer,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    fit_fn: Callable[..., Recipe] | None = None,
+    eval_fn: Callable[..., dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep; returns every point (old and new). ``fit_fn`` / ``eval_fn``
+    replace fitting / evaluation (tests)."""
+    from ..fit import fit as default_fit
+
+    fit_fn = fit_fn or default_fit
+    eval_fn = eval_fn or evaluate_point
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for m in config.methods:
+        if m not in config.strengths or not config.strengths[m]:
+            raise ValueError(f"no strength grid for method {m!r}")
+    _check_config(out, config.to_json(), data.sizes())
+    _drop_partial_line(out)
+    done = {point_key(p["method"], p["gate"], p["seed"], p["strength"]) for p in read_points(out)}
+
+    todo: list[tuple[str, str, int, float]] = []
+    for seed in config.seeds:
+        todo.append((BASE, "none", seed, 0.0))
+        for m in config.methods:
+            for g in config.gates:
+                todo += [(m, g, seed, float(s)) for s in config.strengths[m] if s != 0]
+    remaining = [t for t in todo if point_key(*t) not in done]
+    if len(remaining) < len(todo):
+        log(f"resuming: {len(todo) - len(remaining)} of {len(todo)} points already in {out}")
+    recipes: dict[tuple[str, str, int], Recipe | None] = {}
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(remaining), desc="sweep", disable=not progress, unit="pt")
+    for method, gate, seed, strength in remaining:
+        bar.set_postfix_str(f"{method}+{gate} s{seed} λ={strength:g}")
+        recipe = None
+        if method != BASE:
+            key = (method, gate, seed)
+            if key not in recipes:
+                recipes[key] = _fit_or_load(model, tokenizer, data, config, out, method, gate, seed,
+                                            fit_fn, failures, log)
+            recipe = recipes[key]
+            if recipe is None:
+                bar.update(1)
+                continue
+        metrics = eval_fn(model, tokenizer, data, scorer, config, recipe, strength, seed)
+        point = {"method": method, "gate": gate, "seed": seed, "strength": strength, **metrics}
+        _append_point(out, point)
+        bar.update(1)
+    bar.close()
+    if failures:
+        (out / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
+        log(f"{len(failures)} fits failed: see {out / 'failures.json'}")
+    return read_points(out)
+
+
+def _fit_or_load(model, tokenizer, data, config, out: Path, method, gate, seed, fit_fn, failures,
+                 log) -> Recipe | None:
+    rdir = out / "recipes" / f"{method}__{gate}__seed{seed}"
+    if (rdir / "steerwise.json").is_file():
+        return Recipe.from_pretrained(rdir)
+    source, target, control = draw_fit_sets(data, config.n_fit, seed)
+    try:
+        opts = build_fit_options(method, gate, config)
+        opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recipe = fit_fn(model, tokenizer, source, control, target, opts, progress=False)
+        recipe.fit_info["sweep_seed"] = seed
+        recipe.fit_info["fit_seconds"] = time.perf_counter() - t0
+        for w in caught:
+            if "truncated" not in str(w.message):
+                log(f"[{method}+{gate} seed {seed}] warning: {w.message}")
+        recipe.save_pretrained(rdir)
+        return recipe
+    except Exception as exc:  # noqa: BLE001 - one broken combination must not end a long sweep
+        failures[f"{method}+{gate} seed {seed}"] = "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()
+        log(f"fit of {method}+{gate} (seed {seed}) failed: {exc}")
+        return None
+
+
+# ---- aggregation -----------------------------------------------------------------------------
+METRICS = ("toxicity", "toxicity_mean", "benign_toxicity", "benign_toxicity_mean", "ppl",
+           "ppl_nontoxic", "mmlu")
+
+
+def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean (and std) over seeds per (method, gate, strength). The shared base point (λ = 0) is
+    copied into every (method, gate) curve so each front starts at the unsteered model."""
+    base = [p for p in points if p["method"] == BASE]
+    combos = sorted({(p["method"], p["gate"]) for p in points if p["method"] != BASE})
+    rows = []
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for p in points:
+        if p["method"] != BASE:
+            groups.setdefault((p["method"], p["gate"], float(p["strength"])), []).append(p)
+    for m, g in combos:
+        if base:
+            groups[(m, g, 0.0)] = base
+    if not combos and base:
+        groups[(BASE, "none", 0.0)] = base
+    for (m, g, s), ps in sorted(groups.items()):
+        row: dict[str, Any] = {"method": m, "gate": g, "strength": s, "n_seeds": len(ps)}
+        for k in METRICS:
+            vals = [p[k] for p in ps if isinstance(p.get(k), (int, float))]
+            if vals:
+                row[k] = float(np.mean(vals))
+                row[k + "_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def fronts(rows: Sequence[dict[str, Any]], utility: str) -> dict[str, list[dict[str, Any]]]:
+    """Pareto front (toxicity ↓ vs ``utility``) of each ``method+gate`` curve of aggregated rows."""
+    higher = utility == "mmlu"
+    out = {}
+    for key in sorted({f"{r['method']}+{r['gate']}" for r in rows}):
+        rs = [r for r in rows if f"{r['method']}+{r['gate']}" == key and utility in r]
+        if not rs:
+            continue
+        idx = pareto_front([r["toxicity"] for r in rs], [r[utility] for r in rs],
+                           minimize_y=not higher)
+        out[key] = [rs[i] for i in idx]
+    return out
+
+
+def compare_gates(
+    rows: Sequence[dict[str, Any]],
+    *,
+    gate: str = "dsas",
+    baseline_gate: str = "none",
+    ppl_factors: Sequence[float] = (1.1, 1.25, 1.5, 2.0),
+    mmlu_drops: Sequence[float] = (0.0, 0.02, 0.05),
+) -> list[dict[str, Any]]:
+    """Per method: lowest toxicity reachable with and without the gate within utility budgets
+    (perplexity ≤ factor × unsteered perplexity; MMLU ≥ unsteered − drop)."""
+    base = [r for r in rows if r["strength"] == 0.0]
+    out = []
+    if not base:
+        return out
+    b = base[0]
+    for method in sorted({r["method"] for r in rows}):
+        a_rows = [r for r in rows if r["method"] == method and r["gate"] == baseline_gate]
+        g_rows = [r for r in rows if r["method"] == method and r["gate"] == gate]
+        if not a_rows or not g_rows:
+            continue
+        for util, budgets, higher in (
+            ("ppl", [b["ppl"] * f for f in ppl_factors] if "ppl" in b else [], False),
+            ("mmlu", [b["mmlu"] - d for d in mmlu_drops] if "mmlu" in b else [], True),
+        ):
+            labels = ([f"ppl ≤ {f:g}× base" for f in ppl_factors] if util == "ppl"
+                      else [f"MMLU ≥ base − {d:g}" for d in mmlu_drops])
+            for label, budget in zip(labels, budgets):
+                ta = best_within([r["toxicity"] for r in a_rows], [r[util] for r in a_rows],
+                                 budget, higher_is_better=higher)
+                tg = best_within([r["toxicity"] for r in g_rows], [r[util] for r in g_rows],
+                                 budget, higher_is_better=higher)
+                out.append({"method": method, "budget": label, "utility": util,
+                            "budget_value": budget, f"toxicity_{baseline_gate}": ta,
+                            f"toxicity_{gate}": tg,
+                            "difference": tg - ta if not (math.isnan(ta) or math.isnan(tg))
+                            else float("nan")})
+    return out
+
+
+def write_tables(points: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """points.csv (every point), summary.csv (means over seeds), summary.json (+ fronts and the
+    gate comparison)."""
+    import csv
+
+    out = Path(out_dir)
+    cols = ["method", "gate", "seed", "strength", *METRICS, "seconds"]
+    with (out / "points.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for p in points:
+            w.writerow({k: p.get(k, "") for k in cols})
+    rows = aggregate(points)
+    scols = ["method", "gate", "strength", "n_seeds"]
+    for k in METRICS:
+        scols += [k, k + "_std"]
+    with (out / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=scols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, ""))
+                        for k in scols})
+    summary = {
+        "rows": rows,
+        "fronts": {u: fronts(rows, u) for u in ("ppl", "mmlu") if any(u in r for r in rows)},
+        "comparison": compare_gates(rows),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    return {"points": out / "points.csv", "summary": out / "summary.csv",
+            "json": out / "summary.json"}
