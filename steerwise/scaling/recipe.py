@@ -1,0 +1,148 @@
+"""A learned scaling intervention as a directory (safetensors + JSON, nothing pickled).
+
+Layout, the same file names as a steering recipe but its own format tag, so each loader refuses
+the other's directory with a clear message::
+
+    DIR/steerwise.json         format "steerwise-scale", library version, model identity (type,
+                               hidden size, layer count), method, sites, intervention config
+                               (positions / bias), training options, training log and metrics
+    DIR/steering.safetensors   the parameters: ``alpha`` (sites, positions), ``vectors``
+                               (sites, positions, d), or ``weight`` (sites, d) + ``offset`` (sites)
+
+``ScaleRecipe.apply(model, beta)`` checks the model and returns a ``ScalingHandle``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..recipe import CONFIG_NAME, TENSORS_NAME, ModelIdentity, RecipeMismatchError
+from ..sites import Site
+from .hooks import ScalingHandle
+from .interventions import INTERVENTIONS, ScalingIntervention
+
+FORMAT = "steerwise-scale"
+FORMAT_VERSION = 1
+
+
+def check_identity(expected: ModelIdentity, model: nn.Module) -> None:
+    """Raise ``RecipeMismatchError`` naming every difference between ``model`` and ``expected``."""
+    other = ModelIdentity.of(model)
+    problems = []
+    if other.model_type != expected.model_type:
+        problems.append(f"model type {other.model_type!r} (recipe: {expected.model_type!r})")
+    if other.hidden_size != expected.hidden_size:
+        problems.append(f"hidden size {other.hidden_size} (recipe: {expected.hidden_size})")
+    if other.num_layers != expected.num_layers:
+        problems.append(f"{other.num_layers} layers (recipe: {expected.num_layers})")
+    if problems:
+        raise RecipeMismatchError(
+            "this scaling recipe was trained for another model: the given model has "
+            + ", ".join(problems)
+        )
+
+
+@dataclass
+class ScaleRecipe:
+    """A trained intervention plus what it was trained for and how."""
+
+    model: ModelIdentity
+    intervention: ScalingIntervention
+    options: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.intervention.method
+
+    @property
+    def sites(self) -> list[Site]:
+        return self.intervention.sites
+
+    def check_model(self, model: nn.Module) -> None:
+        check_identity(self.model, model)
+
+    def apply(
+        self, model: nn.Module, beta: float | torch.Tensor = 1.0, *, trace: bool = False
+    ) -> ScalingHandle:
+        """Install on ``model``: ``with recipe.apply(model, beta=1.0): ...``."""
+        self.check_model(model)
+        return ScalingHandle(model, self.intervention, beta, trace=trace)
+
+    def to_json(self) -> dict[str, Any]:
+        iv = self.intervention
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "model": vars(self.model),
+            "method": iv.method,
+            "dim": iv.dim,
+            "config": iv.config(),
+            "sites": [s.to_json() for s in iv.sites],
+            "options": self.options,
+            "info": self.info,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the recipe; the directory appears complete or not at all."""
+        target = Path(directory)
+        tensors = {k: v.detach().cpu().float().contiguous()
+                   for k, v in self.intervention.state_dict().items()}
+        text = json.dumps(self.to_json(), indent=2, allow_nan=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".steerwise-", dir=target.parent))
+        try:
+            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
+            (tmp / CONFIG_NAME).write_text(text + "\n")
+            if target.exists():
+                for name in (CONFIG_NAME, TENSORS_NAME):
+                    os.replace(tmp / name, target / name)
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ScaleRecipe:
+        path = Path(directory)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{path} is not a steerwise scaling recipe (no {CONFIG_NAME})")
+        config = json.loads(cfg_path.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(
+                f"{cfg_path} is not a scaling recipe (format {config.get('format')!r}; "
+                f"expected {FORMAT!r})"
+            )
+        if int(config.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path} uses scaling format {config['format_version']}; this steerwise "
+                f"({__version__}) reads up to {FORMAT_VERSION}: upgrade steerwise"
+            )
+        method = config["method"]
+        if method not in INTERVENTIONS:
+            raise ValueError(f"{cfg_path}: unknown method {method!r}")
+        sites = [Site.from_json(s) for s in config["sites"]]
+        iv = INTERVENTIONS[method].empty(sites, int(config["dim"]), config.get("config", {}))
+        iv.load_state_dict(load_file(str(path / TENSORS_NAME)), strict=True)
+        return cls(
+            model=ModelIdentity(**config["model"]),
+            intervention=iv,
+            options=config.get("options", {}),
+            info=config.get("info", {}),
+        )
