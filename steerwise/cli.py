@@ -18,7 +18,8 @@ from rich.table import Table
 
 from .models import DEFAULT_MODEL
 
-COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli")
+COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
+                                    "steerwise.scaling.cli")
 
 console = Console()
 
