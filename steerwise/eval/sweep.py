@@ -437,5 +437,37 @@ def write_tables(points: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[
         "comparison": compare_gates(rows),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    (out / "summary.md").write_text(summary_markdown(rows, summary["comparison"]))
     return {"points": out / "points.csv", "summary": out / "summary.csv",
-            "json": out / "summary.json"}
+            "json": out / "summary.json", "markdown": out / "summary.md"}
+
+
+def _fmt(v: Any, pct: bool = False, std: Any = None) -> str:
+    if not isinstance(v, float) or math.isnan(v):
+        return "–"
+    text = f"{100 * v:.1f}" if pct else (f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}")
+    if isinstance(std, float) and std > 0:
+        text += f" ± {100 * std:.1f}" if pct else f" ± {std:.2g}"
+    return text
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]], comparison: Sequence[dict[str, Any]]) -> str:
+    """Markdown tables: every (method, gate, λ) mean ± std over seeds, and the gate comparison."""
+    lines = ["| method | gate | λ | toxicity % | tox. mean score | benign tox. % | ppl | "
+             "ppl non-toxic | MMLU % | seeds |", "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['gate']} | {r['strength']:g} | "
+            f"{_fmt(r.get('toxicity'), True, r.get('toxicity_std'))} | "
+            f"{_fmt(r.get('toxicity_mean'))} | "
+            f"{_fmt(r.get('benign_toxicity'), True, r.get('benign_toxicity_std'))} | "
+            f"{_fmt(r.get('ppl'), False, r.get('ppl_std'))} | {_fmt(r.get('ppl_nontoxic'))} | "
+            f"{_fmt(r.get('mmlu'), True, r.get('mmlu_std'))} | {r['n_seeds']} |")
+    lines += ["", "Lowest toxicity (%) reachable within a utility budget (means over seeds):", "",
+              "| method | budget | without gate | with DSAS | Δ (points) |", "|---|---|---|---|---|"]
+    for c in comparison:
+        d = c["difference"]
+        lines.append(f"| {c['method']} | {c['budget']} | {_fmt(c.get('toxicity_none'), True)} | "
+                     f"{_fmt(c.get('toxicity_dsas'), True)} | "
+                     f"{'–' if math.isnan(d) else f'{100 * d:+.1f}'} |")
+    return "\n".join(lines) + "\n"
