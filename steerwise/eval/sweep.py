@@ -453,8 +453,9 @@ def _fmt(v: Any, pct: bool = False, std: Any = None) -> str:
 
 def summary_markdown(rows: Sequence[dict[str, Any]], comparison: Sequence[dict[str, Any]]) -> str:
     """Markdown tables: every (method, gate, λ) mean ± std over seeds, and the gate comparison."""
-    lines = ["| method | gate | λ | toxicity % | tox. mean score | benign tox. % | ppl | "
-             "ppl non-toxic | MMLU % | seeds |", "|" + "---|" * 10]
+    header = ("| method | gate | λ | toxicity % | tox. mean score | benign tox. % | ppl | "
+              "ppl non-toxic | MMLU % | seeds |")
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['gate']} | {r['strength']:g} | "
