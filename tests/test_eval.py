@@ -404,3 +404,37 @@ def test_testbed_preset_uses_held_out_rows():
     assert d.ppl_texts[0].startswith("= Robert Boulter =")
     assert not set(d.source_pool) & set(d.target_pool)
     assert sum(len(v) for v in d.mmlu_questions.values()) == 4
+
+
+@pytest.mark.skipif(not TESTBED.is_dir(), reason="the shared testbed model is absent")
+def test_sweep_command_end_to_end(tmp_path):
+    """`steerwise sweep` on the testbed LM and tiny files: every output appears; a re-run
+    resumes with nothing to compute."""
+    pytest.importorskip("profanity_check", reason="the eval extra (alt-profanity-check) is absent")
+    from steerwise.cli import main
+
+    model_dir = TESTBED
+    words = VOCAB_WORDS
+    (tmp_path / "src.txt").write_text("\n".join(f"bad {words[i]} bad {words[i + 1]}" for i in range(8)))
+    (tmp_path / "tgt.txt").write_text("\n".join(f"good {words[i]} sweet" for i in range(8)))
+    (tmp_path / "ctl.txt").write_text("\n".join(f"the {words[i + 10]} runs" for i in range(8)))
+    (tmp_path / "tox.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in
+                                                  ["the bad dog", "a cat sleeps"]))
+    (tmp_path / "wiki.txt").write_text(" ".join(words * 3))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(model_dir), "--device", "cpu", "--out", str(out),
+            "--methods", "caa", "--grid", "2", "--seeds", "0", "--n-fit", "6", "--layers", "2",
+            "--toxic-prompts", str(tmp_path / "tox.jsonl"), "--benign-prompts",
+            str(tmp_path / "tox.jsonl"), "--source", str(tmp_path / "src.txt"),
+            "--target", str(tmp_path / "tgt.txt"), "--control", str(tmp_path / "ctl.txt"),
+            "--ppl-text", str(tmp_path / "wiki.txt"), "--max-new-tokens", "5",
+            "--ppl-window", "32", "--no-progress"]
+    assert main(argv) == 0
+    for name in ("points.jsonl", "points.csv", "summary.csv", "summary.json", "summary.md",
+                 "pareto.png", "sweep.json", "data.json"):
+        assert (out / name).is_file(), name
+    points = read_points(out)
+    assert {(p["method"], p["gate"], p["strength"]) for p in points} == {
+        ("base", "none", 0.0), ("caa", "none", 2.0), ("caa", "dsas", 2.0)}
+    assert main(argv) == 0
+    assert len(read_points(out)) == 3
