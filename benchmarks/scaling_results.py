@@ -68,11 +68,18 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--tokenizer-file", default=None,
+                    help="load the tokenizer from this tokenizer.json instead of the model's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, device="cpu")
+    if args.tokenizer_file:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_file=args.tokenizer_file, pad_token=tok.pad_token,
+                                      eos_token=tok.eos_token, unk_token=tok.unk_token)
     defaults = ScaleOptions(progress=False, seed=args.seed)
     if args.steps is not None:
         defaults.steps = args.steps

@@ -166,7 +166,7 @@ def register(sub) -> None:
     f.add_argument("--prefix-sentences", type=int, default=0,
                    help="neutral 6-word sentences before each generated prompt (prompt length)")
     f.add_argument("--steps", type=int, default=300)
-    f.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+    f.add_argument("--lr", type=float, default=5e-2, help="Adam learning rate")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--lambda-f", type=float, default=1.0, help="faithfulness (KL) weight λ_F")
     f.add_argument("--lambda-m", type=float, default=1e-3, help="minimality (ℓ1) weight λ_M")

@@ -41,7 +41,7 @@ class ScaleOptions:
     lambda_f: float = 1.0  # weight of the faithfulness (KL) term
     lambda_m: float = 1e-3  # weight of the ℓ1 minimality term
     margin: float = 2.0  # hinge margin m on the logit difference
-    lr: float = 1e-2  # Adam learning rate
+    lr: float = 5e-2  # Adam learning rate
     steps: int = 300
     batch_size: int = 32  # prompts per step (each run at every β)
     betas: Sequence[float] = (1.0, -1.0)
