@@ -235,7 +235,7 @@ def test_e2e_relu_init_follows_the_dsas_gate_near_its_boundary():
     g = E2EGate.init(2, "relu", w, b)
     z = torch.tensor([[0.01, 0.02]])
     torch.testing.assert_close(g(z, StepContext()), torch.sigmoid(z @ w + b), atol=1e-3, rtol=0)
-    assert float(g(torch.tensor([[-5.0, 0.0]]), StepContext())) == 0.0
+    assert float(g(torch.tensor([[-5.0, 0.0]]), StepContext()).detach()) == 0.0
 
 
 # ---- CAST --------------------------------------------------------------------------------------
