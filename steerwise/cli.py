@@ -107,8 +107,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .models import load_model
     from .recipe import Recipe
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     recipe = Recipe.from_pretrained(args.recipe) if args.recipe else None
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     gen_kwargs = {}
     if args.sample:
         gen_kwargs = dict(do_sample=True, top_p=args.top_p, temperature=args.temperature)

@@ -19,6 +19,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from ..maps.base import as_float_rows
@@ -110,8 +111,10 @@ class DSASGate(Gate):
             )
 
         folds = StratifiedKFold(n_splits=opts.cv_folds, shuffle=True, random_state=opts.seed)
-        acc = float(cross_val_score(pipeline(), x, y, cv=folds, scoring="accuracy").mean())
-        pipe = pipeline().fit(x, y)
+        # tiny problems: BLAS threads only add contention (seconds on a busy 2-core machine)
+        with threadpool_limits(limits=1, user_api="blas"):
+            acc = float(cross_val_score(pipeline(), x, y, cv=folds, scoring="accuracy").mean())
+            pipe = pipeline().fit(x, y)
         pca, lr = pipe[0], pipe[1]
         w = lr.coef_[0]
         if opts.whiten:
