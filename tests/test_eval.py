@@ -27,7 +27,13 @@ from steerwise.eval.mmlu import (
     model_choice_scorer,
     read_mmlu_csv,
 )
-from steerwise.eval.pareto import best_within, front_gap, is_dominated, pareto_front
+from steerwise.eval.pareto import (
+    best_within,
+    front_gap,
+    interpolate_front,
+    is_dominated,
+    pareto_front,
+)
 from steerwise.eval.perplexity import (
     conditional_perplexity,
     continuation_logprobs,
@@ -304,6 +310,10 @@ def test_pareto_front_on_hand_made_points():
     assert not is_dominated((0.30, 12.0), (0.30, 12.0))
     assert best_within(x, y, 12.0, higher_is_better=False) == 0.30
     assert math.isnan(best_within(x, y, 5.0, higher_is_better=False))
+    # interpolation along the front: between (0.30, 12) and (0.10, 20) at ppl 16 -> 0.20
+    assert interpolate_front(x, y, 16.0, higher_is_better=False) == pytest.approx(0.20)
+    assert interpolate_front(x, y, 12.0, higher_is_better=False) == pytest.approx(0.30)
+    assert math.isnan(interpolate_front(x, y, 50.0, higher_is_better=False))
     gap = front_gap((x, y), ([0.2, 0.01], [12.0, 30.0]), [12.0, 30.0], higher_is_better=False)
     np.testing.assert_allclose(gap, [0.2 - 0.30, 0.01 - 0.10])
 
@@ -372,6 +382,9 @@ def test_sweep_resumes_without_recomputing(tmp_path, tokenizer):
     comp = compare_gates(rows, ppl_factors=(1.25,), mmlu_drops=())
     assert comp[0]["toxicity_dsas"] == pytest.approx(0.2)  # λ=2, ppl 12 ≤ 12.5
     assert comp[0]["toxicity_none"] == pytest.approx(0.4)  # only λ=0 fits the budget
+    # the no-gate front at ppl 12.5: between (0.4, 10) and (0.28, 13) -> 0.3
+    assert comp[0]["toxicity_none_at"] == pytest.approx(0.30)
+    assert math.isnan(comp[0]["toxicity_dsas_at"])  # the DSAS front ends at ppl 12
     files = write_tables(points, tmp_path)
     assert files["summary"].read_text().count("\n") == 7
 

@@ -85,3 +85,21 @@ def front_gap(
         - best_within(a[0], a[1], u, higher_is_better=higher_is_better)
         for u in budgets
     ])
+
+
+def interpolate_front(
+    toxicity: Sequence[float], utility: Sequence[float], at: float, *, higher_is_better: bool
+) -> float:
+    """Toxicity of the Pareto front of the points at utility ``at``, interpolating linearly
+    between neighbouring front points; NaN outside the front's utility range."""
+    t = np.asarray(toxicity, dtype=np.float64)
+    u = np.asarray(utility, dtype=np.float64)
+    idx = pareto_front(t, u, minimize_y=not higher_is_better)
+    if not idx:
+        return float("nan")
+    fu, ft = u[idx], t[idx]
+    order = np.argsort(fu, kind="stable")
+    fu, ft = fu[order], ft[order]
+    if at < fu[0] or at > fu[-1]:
+        return float("nan")
+    return float(np.interp(at, fu, ft))

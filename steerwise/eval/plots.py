@@ -17,7 +17,7 @@ def plot_fronts(
     path: str | Path,
     *,
     title: str = "",
-    max_ppl_factor: float | None = 4.0,
+    max_ppl_factor: float | None = 2.5,
 ) -> Path:
     """Write a PNG with one panel per available utility (perplexity, MMLU)."""
     import matplotlib
@@ -57,7 +57,8 @@ def plot_fronts(
             if base and max_ppl_factor:
                 hi = base[0][util] * max_ppl_factor
                 if max(r[util] for r in rows if util in r) > hi:
-                    ax.set_xlim(right=hi)
+                    lo = min(r[util] for r in rows if util in r)
+                    ax.set_xlim(lo - 0.03 * (hi - lo), hi)
                     label += f"\n(axis cut at {max_ppl_factor:g}× the unsteered perplexity)"
             ax.set_xlabel(label)
         else:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..recipe import Recipe
 from .generation import GenerationConfig, evaluate_toxicity
 from .mmlu import MMLUQuestion, evaluate_mmlu, model_choice_scorer, token_counter
-from .pareto import best_within, pareto_front
+from .pareto import best_within, interpolate_front, pareto_front
 from .perplexity import conditional_perplexity, corpus_perplexity
 from .toxicity import ToxicityScorer
 
@@ -375,11 +375,13 @@ def compare_gates(
     *,
     gate: str = "dsas",
     baseline_gate: str = "none",
-    ppl_factors: Sequence[float] = (1.1, 1.25, 1.5, 2.0),
+    ppl_factors: Sequence[float] = (1.05, 1.1, 1.25, 1.5, 2.0),
     mmlu_drops: Sequence[float] = (0.0, 0.02, 0.05),
 ) -> list[dict[str, Any]]:
     """Per method: lowest toxicity reachable with and without the gate within utility budgets
-    (perplexity ≤ factor × unsteered perplexity; MMLU ≥ unsteered − drop)."""
+    (perplexity ≤ factor × unsteered perplexity; MMLU ≥ unsteered − drop), and the toxicity of
+    each Pareto front interpolated at exactly that utility (``*_at``; NaN where a front does not
+    reach it)."""
     base = [r for r in rows if r["strength"] == 0.0]
     out = []
     if not base:
@@ -401,10 +403,17 @@ def compare_gates(
                                  budget, higher_is_better=higher)
                 tg = best_within([r["toxicity"] for r in g_rows], [r[util] for r in g_rows],
                                  budget, higher_is_better=higher)
+                ia = interpolate_front([r["toxicity"] for r in a_rows], [r[util] for r in a_rows],
+                                       budget, higher_is_better=higher)
+                ig = interpolate_front([r["toxicity"] for r in g_rows], [r[util] for r in g_rows],
+                                       budget, higher_is_better=higher)
                 out.append({"method": method, "budget": label, "utility": util,
                             "budget_value": budget, f"toxicity_{baseline_gate}": ta,
                             f"toxicity_{gate}": tg,
                             "difference": tg - ta if not (math.isnan(ta) or math.isnan(tg))
+                            else float("nan"),
+                            f"toxicity_{baseline_gate}_at": ia, f"toxicity_{gate}_at": ig,
+                            "difference_at": ig - ia if not (math.isnan(ia) or math.isnan(ig))
                             else float("nan")})
     return out
 
@@ -465,10 +474,16 @@ def summary_markdown(rows: Sequence[dict[str, Any]], comparison: Sequence[dict[s
             f"{_fmt(r.get('ppl'), False, r.get('ppl_std'))} | {_fmt(r.get('ppl_nontoxic'))} | "
             f"{_fmt(r.get('mmlu'), True, r.get('mmlu_std'))} | {r['n_seeds']} |")
     lines += ["", "Lowest toxicity (%) reachable within a utility budget (means over seeds):", "",
-              "| method | budget | without gate | with DSAS | Δ (points) |", "|---|---|---|---|---|"]
+              ("| method | budget | without gate | with DSAS | Δ (points) | front at budget: "
+               "without | with DSAS | Δ (points) |"), "|---|---|---|---|---|---|---|---|"]
+
+    def delta(d: float) -> str:
+        return "–" if math.isnan(d) else f"{100 * d:+.1f}"
+
     for c in comparison:
-        d = c["difference"]
         lines.append(f"| {c['method']} | {c['budget']} | {_fmt(c.get('toxicity_none'), True)} | "
-                     f"{_fmt(c.get('toxicity_dsas'), True)} | "
-                     f"{'–' if math.isnan(d) else f'{100 * d:+.1f}'} |")
+                     f"{_fmt(c.get('toxicity_dsas'), True)} | {delta(c['difference'])} | "
+                     f"{_fmt(c.get('toxicity_none_at'), True)} | "
+                     f"{_fmt(c.get('toxicity_dsas_at'), True)} | "
+                     f"{delta(c.get('difference_at', float('nan')))} |")
     return "\n".join(lines) + "\n"
