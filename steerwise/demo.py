@@ -5,7 +5,7 @@ with pear) is applied two ways: uniformly (vanilla CAA) and gated by DSAS (per-l
 fruit context vs other topics). Vanilla CAA pushes "pear" into every continuation; CAA + DSAS
 mostly only into fruit contexts. The demo prints examples side by side with the gate value of
 every token, and the measured share of continuations that mention "pear" over many prompts.
-Runs offline on 2 CPU cores in about a minute.
+Runs offline on 2 CPU cores in well under a minute.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ WORD = "pear"
 
 @dataclass
 class DemoResult:
-    """Share of continuations mentioning the word, per prompt group and steering."""
+    """Share of continuations mentioning the word, per steering, strength and prompt group."""
 
-    rates: dict[str, dict[str, float]]  # steering → group → rate
+    rates: dict[tuple[str, float], dict[str, float]]  # (steering, strength) → group → rate
     n_prompts: dict[str, int]
-    strength: float
+    strengths: tuple[float, ...]
     gate_accuracy: list[float]
 
 
@@ -56,7 +56,8 @@ def _rate(model, tok, prompts, recipe, strength, seeds, max_new_tokens) -> float
 def run_demo(
     model_name: str = DEFAULT_MODEL,
     *,
-    strength: float = 6.0,
+    strength: float = 5.0,
+    strengths: tuple[float, ...] = (3.0, 5.0, 7.0),
     n_fit: int = 32,
     n_prompts: int = 10,
     seeds: tuple[int, ...] = (0, 1, 2),
@@ -78,12 +79,13 @@ def run_demo(
         "fruit prompts": prompts["fruit"],
         "other prompts": [p for topic, ps in prompts.items() if topic != "fruit" for p in ps],
     }
-    steerings: dict[str, Recipe | None] = {"unsteered": None, "CAA": vanilla, "CAA + DSAS": gated}
+    steerings: dict[str, Recipe] = {"CAA": vanilla, "CAA + DSAS": gated}
     if show:
         console.rule("[bold]steerwise demo: inducing 'pear' — everywhere, or only where it fits")
         console.print(
             f"model: {model_name} · fit on {n_fit} fruit-without-pear (source), {n_fit} "
-            f"fruit-with-pear (target), {n_fit} other-topic (control) sentences · strength {strength}"
+            f"fruit-with-pear (target), {n_fit} other-topic (control) sentences · examples at "
+            f"strength {strength}"
         )
         table = Table(title="DSAS gate accuracy per layer (fruit vs other, 5-fold CV)")
         for e in gated.entries:
@@ -91,20 +93,27 @@ def run_demo(
         table.add_row(*[f"{a:.2f}" for a in accs])
         console.print(table)
         _show_examples(model, tok, groups, vanilla, gated, strength, html)
-    rates: dict[str, dict[str, float]] = {}
-    for name, recipe in steerings.items():
-        rates[name] = {
-            g: _rate(model, tok, ps, recipe, strength, seeds, max_new_tokens)
-            for g, ps in groups.items()
+    rates: dict[tuple[str, float], dict[str, float]] = {
+        ("unsteered", 0.0): {
+            g: _rate(model, tok, ps, None, 0.0, seeds, max_new_tokens) for g, ps in groups.items()
         }
-    result = DemoResult(rates, {g: len(p) * len(seeds) for g, p in groups.items()}, strength, accs)
+    }
+    for lam in strengths:
+        for name, recipe in steerings.items():
+            rates[(name, lam)] = {
+                g: _rate(model, tok, ps, recipe, lam, seeds, max_new_tokens)
+                for g, ps in groups.items()
+            }
+    result = DemoResult(rates, {g: len(p) * len(seeds) for g, p in groups.items()},
+                        tuple(strengths), accs)
     if show:
         table = Table(title=f"share of sampled continuations that mention '{WORD}'")
         table.add_column("steering")
+        table.add_column("strength", justify="right")
         for g in groups:
             table.add_column(f"{g} (n={result.n_prompts[g]})", justify="right")
-        for name, by_group in rates.items():
-            table.add_row(name, *[f"{100 * r:.0f} %" for r in by_group.values()])
+        for (name, lam), by_group in rates.items():
+            table.add_row(name, f"{lam:g}", *[f"{100 * r:.0f} %" for r in by_group.values()])
         console.print(table)
         console.print(
             "Vanilla CAA puts the word everywhere; the DSAS gate keeps it to fruit contexts, "
@@ -132,7 +141,7 @@ def _show_examples(model, tok, groups, vanilla, gated, strength, html) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.model, strength=args.strength, n_fit=args.n_fit, n_prompts=args.n_prompts,
+    run_demo(args.model, strength=args.strength, strengths=tuple(args.strengths), n_fit=args.n_fit, n_prompts=args.n_prompts,
              seeds=tuple(range(args.seeds)), html=args.html)
     return 0
 
@@ -140,7 +149,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: CAA vs CAA + DSAS on the embedded model")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
-    p.add_argument("--strength", type=float, default=6.0)
+    p.add_argument("--strength", type=float, default=5.0, help="strength of the examples")
+    p.add_argument("--strengths", type=float, nargs="+", default=[3.0, 5.0, 7.0],
+                   help="strengths of the measured table")
     p.add_argument("--n-fit", type=int, default=32, help="examples per fitting set")
     p.add_argument("--n-prompts", type=int, default=10, help="prompts per topic")
     p.add_argument("--seeds", type=int, default=3, help="sampling seeds per prompt")

@@ -186,6 +186,20 @@ def generate(
     return Generation(list(prompts), texts, trace)
 
 
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text as it appears in the decoded sequence (spaces included).
+
+    Decoding one id at a time loses the spaces of word-level tokenizers (and of some BPE
+    decoders), so each token's text is the growth of the decoded prefix.
+    """
+    out, prev = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+        out.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode(ids[k - 1:k]))
+        prev = text
+    return out
+
+
 def _build_trace(tokenizer, out, prompt_mask, new_ids, traced, width) -> GateTrace:
     names, values, _ = traced
     tokens, vals, n_prompt = [], [], []
@@ -199,7 +213,7 @@ def _build_trace(tokenizer, out, prompt_mask, new_ids, traced, width) -> GateTra
         v = np.full((len(ids), len(names)), np.nan)
         v[: len(v_prompt)] = v_prompt
         v[len(v_prompt): len(v_prompt) + len(v_gen)] = v_gen
-        tokens.append([tokenizer.decode([i]) for i in ids])
+        tokens.append(token_strings(tokenizer, ids))
         vals.append(v)
         n_prompt.append(len(prompt_ids))
     return GateTrace(sites=names, tokens=tokens, values=vals, n_prompt=n_prompt)
