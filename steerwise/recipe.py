@@ -117,6 +117,12 @@ class Recipe:
     ) -> SteeringHandle:
         """Install the steering on ``model``; use as ``with recipe.apply(model, 4.0): ...``."""
         self.check_model(model)
+        buckets = len(self.fit_info.get("diffusion", {}).get("timestep_buckets", [])) - 1
+        if buckets > 1:
+            raise ValueError(
+                f"this diffusion recipe has {buckets} timestep buckets, which must switch with the "
+                f"denoising step: apply it with steerwise.diffusion.steer(pipe, recipe, strength)"
+            )
         s = self.default_strength if strength is None else float(strength)
         return SteeringHandle(model, self.entries, s, trace=trace)
 

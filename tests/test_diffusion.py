@@ -304,6 +304,9 @@ def test_timestep_buckets_switch_entries_during_generation(sd):
                           num_inference_steps=6, height=32, width=32)
     steps = out.gate_maps.steps
     assert steps[names[0]] + steps[names[1]] == 6 and min(steps.values()) >= 1
+    with pytest.raises(ValueError, match="2 timestep buckets.*steerwise.diffusion.steer"):
+        recipe.apply(sd.unet, 1.0)  # the plain engine path would use every bucket at every step
+    assert not sd.unet._forward_pre_hooks and not sd.unet._forward_hooks
 
 
 def test_bucket_edges_cover_every_level():
