@@ -66,7 +66,51 @@ def _first_tensor_index(seq: Sequence[Any]) -> int:
     raise TypeError("no tensor in the module's output tuple")
 
 
-class SteeringHandle:
+def is_prefill(kwargs: dict) -> bool:
+    """Whether a model call starts a sequence: no KV cache, or an empty one."""
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length()) == 0
+    return past is None
+
+
+class HookHandle:
+    """The life cycle every hook owner shares: module lookup, removal, context manager.
+
+    Subclasses register their hooks into ``self._handles``; ``remove()`` (also on ``with`` exit,
+    whether or not the body raised) takes every one of them off the model.
+    """
+
+    model: nn.Module
+    _handles: list[Any]
+
+    def _get_module(self, site: Site) -> nn.Module:
+        try:
+            return self.model.get_submodule(site.module)
+        except AttributeError:
+            kinds = "; ".join(f"{k}: {v}" for k, v in describe_sites(self.model).items())
+            raise SiteError(
+                f"site {site.name!r} (module {site.module!r}) does not exist in this "
+                f"{model_type(self.model)} model; named sites of layer 0 are: {kinds}"
+            ) from None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class SteeringHandle(HookHandle):
     """Installed steering hooks; a context manager. ``strength`` may be changed at any time."""
 
     def __init__(
@@ -110,31 +154,6 @@ class SteeringHandle:
             self.remove()
             raise
 
-    def _get_module(self, site: Site) -> nn.Module:
-        try:
-            return self.model.get_submodule(site.module)
-        except AttributeError:
-            kinds = "; ".join(f"{k}: {v}" for k, v in describe_sites(self.model).items())
-            raise SiteError(
-                f"site {site.name!r} (module {site.module!r}) does not exist in this "
-                f"{model_type(self.model)} model; named sites of layer 0 are: {kinds}"
-            ) from None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> SteeringHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
     # ---- hooks -----------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -146,10 +165,7 @@ class SteeringHandle:
             mask = mask[:, -cur:]
         else:
             mask = None
-        past = kwargs.get("past_key_values")
-        prefill = past is None
-        if past is not None and hasattr(past, "get_seq_length"):
-            prefill = int(past.get_seq_length()) == 0
+        prefill = is_prefill(kwargs)
         self._ctx = StepContext(attention_mask=mask, is_prefill=prefill)
         if prefill:
             for entry in self.entries:

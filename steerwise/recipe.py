@@ -84,6 +84,43 @@ def register_identity_provider(provider: IdentityProvider) -> IdentityProvider:
     return provider
 
 
+def check_identity(expected: ModelIdentity, model: nn.Module, what: str = "recipe") -> None:
+    """Raise ``RecipeMismatchError`` naming every difference between ``model`` and ``expected``."""
+    other = ModelIdentity.of(model)
+    problems = []
+    if other.model_type != expected.model_type:
+        problems.append(f"model type {other.model_type!r} (recipe: {expected.model_type!r})")
+    if other.hidden_size != expected.hidden_size:
+        problems.append(f"hidden size {other.hidden_size} (recipe: {expected.hidden_size})")
+    if other.num_layers != expected.num_layers:
+        problems.append(f"{other.num_layers} layers (recipe: {expected.num_layers})")
+    if problems:
+        raise RecipeMismatchError(
+            f"this {what} was fitted for another model: the given model has " + ", ".join(problems)
+        )
+
+
+def write_recipe_dir(target: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write ``steerwise.json`` + ``steering.safetensors`` so the directory appears complete or
+    not at all: both files go to a temporary directory beside ``target`` and are renamed in."""
+    text = json.dumps(config, indent=2, allow_nan=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".steerwise-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": str(config["format"])})
+        (tmp / CONFIG_NAME).write_text(text + "\n")
+        if target.exists():
+            for name in (CONFIG_NAME, TENSORS_NAME):
+                os.replace(tmp / name, target / name)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 @dataclass
 class Recipe:
     """A fitted steering: a list of ``SiteSteering`` entries plus metadata."""
@@ -98,19 +135,7 @@ class Recipe:
     # ---- applying --------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         """Raise ``RecipeMismatchError`` naming every difference from the fitted model."""
-        other = ModelIdentity.of(model)
-        problems = []
-        if other.model_type != self.model.model_type:
-            problems.append(f"model type {other.model_type!r} (recipe: {self.model.model_type!r})")
-        if other.hidden_size != self.model.hidden_size:
-            problems.append(f"hidden size {other.hidden_size} (recipe: {self.model.hidden_size})")
-        if other.num_layers != self.model.num_layers:
-            problems.append(f"{other.num_layers} layers (recipe: {self.model.num_layers})")
-        if problems:
-            raise RecipeMismatchError(
-                "this recipe was fitted for another model: the given model has "
-                + ", ".join(problems)
-            )
+        check_identity(self.model, model)
 
     def apply(
         self, model: nn.Module, strength: float | None = None, *, trace: bool = False
@@ -165,26 +190,7 @@ class Recipe:
             for part, module in (("map", e.map), ("gate", e.gate)):
                 for key, value in module.state_dict().items():
                     tensors[f"entries.{i}.{part}.{key}"] = value.detach().cpu().contiguous()
-        config = self.to_json()
-        text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".steerwise-", dir=target.parent))
-        try:
-            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
-            (tmp / CONFIG_NAME).write_text(text + "\n")
-            if target.exists():
-                for name in (CONFIG_NAME, TENSORS_NAME):
-                    if (target / name).exists():
-                        (target / name).unlink()
-                for name in (CONFIG_NAME, TENSORS_NAME):
-                    os.replace(tmp / name, target / name)
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return write_recipe_dir(target, tensors, self.to_json())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Recipe:

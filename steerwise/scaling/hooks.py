@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..hooks import _first_tensor_index, _module_device
-from ..sites import Site, SiteError, describe_sites, model_type
+from ..hooks import HookHandle, _first_tensor_index, _module_device, is_prefill
+from ..sites import Site, SiteError
 from .interventions import ScalingIntervention
 
 
-class ScalingHandle:
+class ScalingHandle(HookHandle):
     """Installed intervention hooks; ``beta`` may be changed between calls."""
 
     def __init__(
@@ -62,37 +62,9 @@ class ScalingHandle:
             self.remove()
             raise
 
-    def _get_module(self, site: Site) -> nn.Module:
-        try:
-            return self.model.get_submodule(site.module)
-        except AttributeError:
-            kinds = "; ".join(f"{k}: {v}" for k, v in describe_sites(self.model).items())
-            raise SiteError(
-                f"site {site.name!r} (module {site.module!r}) does not exist in this "
-                f"{model_type(self.model)} model; named sites of layer 0 are: {kinds}"
-            ) from None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> ScalingHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
     # ---- hooks -----------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
-        prefill = past is None
-        if past is not None and hasattr(past, "get_seq_length"):
-            prefill = int(past.get_seq_length()) == 0
+        prefill = is_prefill(kwargs)
         self._prefill = prefill
         if prefill:
             ids = kwargs.get("input_ids", args[0] if args else None)

@@ -16,41 +16,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
-from ..recipe import CONFIG_NAME, TENSORS_NAME, ModelIdentity, RecipeMismatchError
+from ..recipe import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    ModelIdentity,
+    check_identity,
+    write_recipe_dir,
+)
 from ..sites import Site
 from .hooks import ScalingHandle
 from .interventions import INTERVENTIONS, ScalingIntervention
 
 FORMAT = "steerwise-scale"
 FORMAT_VERSION = 1
-
-
-def check_identity(expected: ModelIdentity, model: nn.Module) -> None:
-    """Raise ``RecipeMismatchError`` naming every difference between ``model`` and ``expected``."""
-    other = ModelIdentity.of(model)
-    problems = []
-    if other.model_type != expected.model_type:
-        problems.append(f"model type {other.model_type!r} (recipe: {expected.model_type!r})")
-    if other.hidden_size != expected.hidden_size:
-        problems.append(f"hidden size {other.hidden_size} (recipe: {expected.hidden_size})")
-    if other.num_layers != expected.num_layers:
-        problems.append(f"{other.num_layers} layers (recipe: {expected.num_layers})")
-    if problems:
-        raise RecipeMismatchError(
-            "this scaling recipe was trained for another model: the given model has "
-            + ", ".join(problems)
-        )
 
 
 @dataclass
@@ -71,7 +58,7 @@ class ScaleRecipe:
         return self.intervention.sites
 
     def check_model(self, model: nn.Module) -> None:
-        check_identity(self.model, model)
+        check_identity(self.model, model, what="scaling recipe")
 
     def apply(
         self, model: nn.Module, beta: float | torch.Tensor = 1.0, *, trace: bool = False
@@ -100,22 +87,7 @@ class ScaleRecipe:
         target = Path(directory)
         tensors = {k: v.detach().cpu().float().contiguous()
                    for k, v in self.intervention.state_dict().items()}
-        text = json.dumps(self.to_json(), indent=2, allow_nan=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".steerwise-", dir=target.parent))
-        try:
-            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
-            (tmp / CONFIG_NAME).write_text(text + "\n")
-            if target.exists():
-                for name in (CONFIG_NAME, TENSORS_NAME):
-                    os.replace(tmp / name, target / name)
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return write_recipe_dir(target, tensors, self.to_json())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ScaleRecipe:
