@@ -176,15 +176,22 @@ class SteeringHandle(HookHandle):
         if self.trace_enabled:
             self._masks.append(mask.detach().cpu() if mask is not None else None)
 
-    def _steer(self, entry: SiteSteering, x: Tensor) -> Tensor | None:
+    def _steer(self, entry: SiteSteering, gate_fn, delta_fn, x: Tensor) -> Tensor | None:
+        """The steered activation, or None to leave it untouched.
+
+        ``gate_fn``/``delta_fn`` are the entry's ``gate.forward`` and ``map.delta``, bound once by
+        the hook factory: this runs for every site at every decoding step, where attribute look-ups
+        through ``nn.Module.__getattr__`` and module-call machinery cost more than the gate itself.
+        """
         channel_dim = entry.site.channel_dim
+        moved = channel_dim not in (-1, x.ndim - 1)
         t = x.float()
-        if channel_dim not in (-1, x.ndim - 1):
+        if moved:
             t = t.movedim(channel_dim, -1)
         coef = self.strength * entry.scale
         gate = None
         if coef != 0.0 or self.trace_enabled:
-            gate = entry.gate(t, self._ctx)
+            gate = gate_fn(t, self._ctx)
         if self.trace_enabled:
             shown = torch.ones(t.shape[:-1], device=t.device) if gate is None else gate
             self._trace.setdefault(entry.site.name, []).append(
@@ -192,25 +199,26 @@ class SteeringHandle(HookHandle):
             )
         if coef == 0.0:
             return None
-        delta = entry.map.delta(t)
+        delta = delta_fn(t)
         if gate is None:
             out = torch.add(t, delta, alpha=coef)
         else:  # one fused kernel: t + coef · gate · delta
             out = torch.addcmul(t, gate.unsqueeze(-1), delta, value=coef)
-        if channel_dim not in (-1, x.ndim - 1):
+        if moved:
             out = out.movedim(-1, channel_dim)
         return out.to(x.dtype)
 
     def _make_output_hook(self, entry: SiteSteering):
         index = entry.site.tuple_index
+        gate_fn, delta_fn = entry.gate.forward, entry.map.delta
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if isinstance(output, Tensor):
-                new = self._steer(entry, output)
+                new = self._steer(entry, gate_fn, delta_fn, output)
                 return output if new is None else new
             if isinstance(output, (tuple, list)):
                 i = _first_tensor_index(output) if index is None else index
-                new = self._steer(entry, output[i])
+                new = self._steer(entry, gate_fn, delta_fn, output[i])
                 if new is None:
                     return output
                 items = list(output)
@@ -223,10 +231,12 @@ class SteeringHandle(HookHandle):
         return hook
 
     def _make_input_hook(self, entry: SiteSteering):
+        gate_fn, delta_fn = entry.gate.forward, entry.map.delta
+
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
             if not args or not isinstance(args[0], Tensor):
                 raise TypeError(f"site {entry.site.name!r}: the module got no positional tensor")
-            new = self._steer(entry, args[0])
+            new = self._steer(entry, gate_fn, delta_fn, args[0])
             return None if new is None else (new, *args[1:])
 
         return pre_hook

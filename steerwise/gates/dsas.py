@@ -78,7 +78,7 @@ class DSASGate(Gate):
     def forward(self, t: Tensor, ctx: StepContext) -> Tensor | None:
         if self.constant:
             return None
-        return torch.sigmoid(self.logits(t))
+        return torch.matmul(t, self.weight).add_(self.bias).sigmoid_()
 
     def config(self) -> dict[str, Any]:
         return {"constant": self.constant}
