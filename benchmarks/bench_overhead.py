@@ -7,7 +7,8 @@ Models: a GPT-2-small-shaped random model (12 layers, d = 768, built from a conf
 ``--tokens`` new tokens: unsteered, CAA on all residual layers (no gate), CAA + DSAS on all
 layers. Configurations run in rotating order within each repeat; the table shows medians and
 ratios to unsteered. Fit time: ``fit(method="caa", gate="dsas")`` on all layers against one
-no-grad forward pass over the same texts. Writes benchmarks/results/overhead.json.
+no-grad forward pass over the same texts (both models, with the testbed's tokenizer; needs
+../shared). Writes benchmarks/results/overhead.json.
 """
 
 from __future__ import annotations
@@ -153,8 +154,10 @@ def main() -> None:
     if TESTBED.is_dir() and not args.skip_testbed:
         from transformers import AutoTokenizer
 
-        models.append(("tox-qwen2-7m", AutoModelForCausalLM.from_pretrained(TESTBED).eval(),
-                       AutoTokenizer.from_pretrained(TESTBED)))
+        tok = AutoTokenizer.from_pretrained(TESTBED)
+        # the random GPT-2 gets the testbed's tokenizer (8,192 ids < 50,257) for the fit timing
+        models = [("gpt2-small-random", models[0][1], tok),
+                  ("tox-qwen2-7m", AutoModelForCausalLM.from_pretrained(TESTBED).eval(), tok)]
     gen_rows, fit_rows = [], []
     source, control = fit_texts()
     for name, model, tok in models:
