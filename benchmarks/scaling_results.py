@@ -60,7 +60,8 @@ def _row(task: str, method: str, report: dict, extra: dict | None = None) -> dic
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="task-lm")
+    ap.add_argument("--model", default="task-lm",
+                    help="embedded name (task-lm), local directory or hub id")
     ap.add_argument("--tasks", default="ccc,ioi")
     ap.add_argument("--n-train", type=int, default=128)
     ap.add_argument("--n-test", type=int, default=256)
@@ -68,24 +69,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--tokenizer-file", default=None,
-                    help="load the tokenizer from this tokenizer.json instead of the model's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, device="cpu")
-    if args.tokenizer_file:
-        from transformers import PreTrainedTokenizerFast
-
-        tok = PreTrainedTokenizerFast(tokenizer_file=args.tokenizer_file, pad_token=tok.pad_token,
-                                      eos_token=tok.eos_token, unk_token=tok.unk_token)
     defaults = ScaleOptions(progress=False, seed=args.seed)
     if args.steps is not None:
         defaults.steps = args.steps
 
     results: dict = {
-        "command": "HF_HUB_OFFLINE=1 python benchmarks/scaling_results.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["HF_HUB_OFFLINE=1 python benchmarks/scaling_results.py", *sys.argv[1:]]),
         "model": args.model, "torch": torch.__version__, "platform": platform.platform(),
         "threads": args.threads, "options": defaults.to_json(),
         "n_train": args.n_train, "n_test": args.n_test, "clean": {}, "rows": [], "lengths": [],
