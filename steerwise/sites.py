@@ -238,7 +238,7 @@ def _resolve_regex(model: nn.Module, spec: str) -> list[Site]:
             f"regex {body!r} matches no module of this {model_type(model)} model; "
             f"module names look like: {', '.join(some)} ..."
         )
-    prefix, layer_list = find_layers(model)
+    prefix, _ = find_layers(model)
     layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)(\.|$)")
     sites = []
     for n in names:

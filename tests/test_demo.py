@@ -1,7 +1,5 @@
 """The offline demo reproduces the DSAS Figure-1 effect on the embedded concept-lm."""
 
-import pytest
-
 from steerwise.cli import main
 from steerwise.demo import mentions, run_demo
 

@@ -58,7 +58,6 @@ def evaluate_scaling(
     iv = recipe.intervention
     width = iv.n_positions if iv.positional else None  # type: ignore[attr-defined]
     data: EncodedTask = encode_examples(tokenizer, examples, width)
-    device = next(model.parameters()).device
     kl_mode = recipe.options.get("kl", "renormalized")
     tol = recipe.options.get("nonzero_tol", 1e-2) if nonzero_tol is None else nonzero_tol
     was_training = model.training
