@@ -7,7 +7,6 @@ every continuation (not the prompt) with a toxicity scorer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import read_rows
 from ..generate import generate
 from ..recipe import Recipe
 from .toxicity import ToxicityScorer, summarize
@@ -56,34 +56,14 @@ def load_prompts(
     nested ``{"prompt": {"text": ...}}`` as in the original RTP release works too) or from a text
     file (one prompt per non-empty line). ``rows`` picks rows (by index among all rows) before
     ``limit`` keeps the first N of them."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such prompt file: {p}")
-    texts: list[str] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if p.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
-                value = row.get(field) if isinstance(row, dict) else None
-                if isinstance(value, dict):
-                    value = value.get("text")
-                if not isinstance(value, str):
-                    raise ValueError(f"{p}:{lineno}: no string field {field!r}")
-                texts.append(value)
-            else:
-                texts.append(line.rstrip("\n"))
+    texts = read_rows(path, field)
     if rows is not None:
         texts = texts[rows] if isinstance(rows, slice) else [texts[i] for i in rows]
     texts = [t for t in texts if t.strip()]
     if limit is not None:
         texts = texts[:limit]
     if not texts:
-        raise ValueError(f"{p} holds no prompts (field {field!r})")
+        raise ValueError(f"{path} holds no prompts (field {field!r})")
     return texts
 
 
