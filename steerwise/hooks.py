@@ -14,7 +14,7 @@ strength 0 is bit-identical to the unsteered model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +64,28 @@ def _first_tensor_index(seq: Sequence[Any]) -> int:
         if isinstance(x, Tensor):
             return i
     raise TypeError("no tensor in the module's output tuple")
+
+
+def rewrite_output(
+    output: Any, tuple_index: int | None, rewrite: Callable[[Tensor], Tensor | None], what: str
+) -> Any:
+    """A module output with its activation replaced by ``rewrite(activation)``.
+
+    The activation is the output itself, or element ``tuple_index`` of a tuple/list output (the
+    first tensor when ``None``). ``rewrite`` returning ``None`` leaves the output untouched.
+    """
+    if isinstance(output, Tensor):
+        new = rewrite(output)
+        return output if new is None else new
+    if isinstance(output, (tuple, list)):
+        i = _first_tensor_index(output) if tuple_index is None else tuple_index
+        new = rewrite(output[i])
+        if new is None:
+            return output
+        items = list(output)
+        items[i] = new
+        return type(output)(items) if isinstance(output, tuple) else items
+    raise TypeError(f"{what}: cannot rewrite an output of type {type(output).__name__}")
 
 
 def is_prefill(kwargs: dict) -> bool:
@@ -212,21 +234,13 @@ class SteeringHandle(HookHandle):
         index = entry.site.tuple_index
         gate_fn, delta_fn = entry.gate.forward, entry.map.delta
 
+        what = f"site {entry.site.name!r}"
+
+        def steer(x: Tensor) -> Tensor | None:
+            return self._steer(entry, gate_fn, delta_fn, x)
+
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if isinstance(output, Tensor):
-                new = self._steer(entry, gate_fn, delta_fn, output)
-                return output if new is None else new
-            if isinstance(output, (tuple, list)):
-                i = _first_tensor_index(output) if index is None else index
-                new = self._steer(entry, gate_fn, delta_fn, output[i])
-                if new is None:
-                    return output
-                items = list(output)
-                items[i] = new
-                return type(output)(items) if isinstance(output, tuple) else items
-            raise TypeError(
-                f"site {entry.site.name!r}: cannot steer an output of type {type(output).__name__}"
-            )
+            return rewrite_output(output, index, steer, what)
 
         return hook
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..hooks import HookHandle, _first_tensor_index, _module_device, is_prefill
+from ..hooks import HookHandle, _module_device, is_prefill, rewrite_output
 from ..sites import Site, SiteError
 from .interventions import ScalingIntervention
 
@@ -118,21 +118,13 @@ class ScalingHandle(HookHandle):
     def _make_hook(self, index: int, site: Site):
         tuple_index = site.tuple_index
 
+        what = f"site {site.name!r}"
+
+        def intervene(x: Tensor) -> Tensor | None:
+            return self._apply(index, site, x)
+
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if isinstance(output, Tensor):
-                new = self._apply(index, site, output)
-                return output if new is None else new
-            if isinstance(output, (tuple, list)):
-                i = _first_tensor_index(output) if tuple_index is None else tuple_index
-                new = self._apply(index, site, output[i])
-                if new is None:
-                    return output
-                items = list(output)
-                items[i] = new
-                return type(output)(items) if isinstance(output, tuple) else items
-            raise TypeError(
-                f"site {site.name!r}: cannot intervene on an output of type {type(output).__name__}"
-            )
+            return rewrite_output(output, tuple_index, intervene, what)
 
         return hook
 
