@@ -100,6 +100,24 @@ def check_identity(expected: ModelIdentity, model: nn.Module, what: str = "recip
         )
 
 
+def read_recipe_config(path: Path, fmt: str, max_version: int, what: str) -> dict[str, Any]:
+    """The JSON of a recipe directory, checked to be of format ``fmt`` and a readable version."""
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path} is not a {what} (no {CONFIG_NAME})")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != fmt:
+        raise ValueError(
+            f"{cfg_path} is not a {what} (format {config.get('format')!r}; expected {fmt!r})"
+        )
+    if int(config.get("format_version", 0)) > max_version:
+        raise ValueError(
+            f"{cfg_path} uses {what} format {config['format_version']}; this steerwise "
+            f"({__version__}) reads up to {max_version}: upgrade steerwise"
+        )
+    return config
+
+
 def write_recipe_dir(target: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Write ``steerwise.json`` + ``steering.safetensors`` so the directory appears complete or
     not at all: both files go to a temporary directory beside ``target`` and are renamed in."""
@@ -195,17 +213,7 @@ class Recipe:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Recipe:
         path = Path(directory)
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{path} is not a steerwise recipe (no {CONFIG_NAME})")
-        config = json.loads(cfg_path.read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path} is not a steerwise recipe (format {config.get('format')!r})")
-        if int(config.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(
-                f"{cfg_path} uses recipe format {config['format_version']}; this steerwise "
-                f"({__version__}) reads up to {FORMAT_VERSION}: upgrade steerwise"
-            )
+        config = read_recipe_config(path, FORMAT, FORMAT_VERSION, "steerwise recipe")
         tensors = load_file(str(path / TENSORS_NAME))
         ident = ModelIdentity(**config["model"])
         entries = []

@@ -14,7 +14,6 @@ the other's directory with a clear message::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..recipe import (
     TENSORS_NAME,
     ModelIdentity,
     check_identity,
+    read_recipe_config,
     write_recipe_dir,
 )
 from ..sites import Site
@@ -92,20 +92,8 @@ class ScaleRecipe:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ScaleRecipe:
         path = Path(directory)
+        config = read_recipe_config(path, FORMAT, FORMAT_VERSION, "scaling recipe")
         cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{path} is not a steerwise scaling recipe (no {CONFIG_NAME})")
-        config = json.loads(cfg_path.read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(
-                f"{cfg_path} is not a scaling recipe (format {config.get('format')!r}; "
-                f"expected {FORMAT!r})"
-            )
-        if int(config.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(
-                f"{cfg_path} uses scaling format {config['format_version']}; this steerwise "
-                f"({__version__}) reads up to {FORMAT_VERSION}: upgrade steerwise"
-            )
         method = config["method"]
         if method not in INTERVENTIONS:
             raise ValueError(f"{cfg_path}: unknown method {method!r}")
