@@ -2,25 +2,40 @@
 
 ``SteeringHandle`` installs one hook per steered site plus a pre-hook on the model itself that
 records the attention mask and whether the call starts a new sequence. Hooks are made by a
-factory so each binds its own site's map and gate; the handle owns all mutable state (strength,
-traces), so nothing is global and two handles never share anything. Use it as a context manager
-(hooks are removed on exit, also when the body raises) or call ``remove()`` yourself.
+factory so each binds its own site; the handle owns all mutable state (strengths, routing,
+per-sequence gate state, traces), so nothing is global and two handles never share anything.
+Use it as a context manager (hooks are removed on exit, also when the body raises) or call
+``remove()`` yourself.
 
-Per token and per site the hook computes, in float32, ``t' = t + λ · a_l · h_l(t) · δ_l(t)``
-(λ = global strength, a_l = the site's scale, h_l = gate, δ_l = the map's ``delta``) and casts
-back to the activation's dtype. When ``λ · a_l`` is 0 the activation is returned untouched, so
-strength 0 is bit-identical to the unsteered model.
+The arithmetic is ``steerwise.kernel.steer``: per token and per site, in float32,
+``t' = t + λ · a_l · h_l(t) · δ_l(t)``, cast back to the activation's dtype. A handle holds one
+recipe (``SteeringHandle(model, entries, strength)``, what ``Recipe.apply`` returns) or several
+(``SteeringHandle.many``), in which case each row of the batch gets its own recipe and strength
+(``route``). Strength 0 is bit-identical to the unsteered model, and a handle whose strengths
+are all 0 costs one Python check per hooked call.
+
+**Threads and contexts.** Hooks sit on modules that every caller of the model shares, so a
+handle acts only inside the context (``contextvars``) that created it: the thread that applied
+a recipe sees its steering; another thread's forward pass on the same model is unsteered, and
+two threads with two recipes each get their own. Asyncio tasks inherit their creator's context.
+To use a handle from another thread, enter ``handle.activate()`` there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from itertools import count
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .gates.base import Gate, NoGate, StepContext
+from .kernel import SiteStack, build_stack, steer
 from .maps.base import SteeringMap
 from .sites import Site, SiteError, describe_sites, model_type
 
@@ -88,23 +103,87 @@ def rewrite_output(
     raise TypeError(f"{what}: cannot rewrite an output of type {type(output).__name__}")
 
 
-def is_prefill(kwargs: dict) -> bool:
-    """Whether a model call starts a sequence: no KV cache, or an empty one."""
-    past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length()) == 0
-    return past is None
+# ---- when a sequence starts ---------------------------------------------------------------------
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 passes `cache`, older versions `past_key_values`
+
+
+def find_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache object of a model call, whatever keyword carries it (``None`` if none)."""
+    for key in CACHE_KWARGS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    for value in kwargs.values():  # a future rename: recognise the cache by its interface
+        if hasattr(value, "get_seq_length"):
+            return value
+    return None
+
+
+def is_prefill(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a model call starts a sequence: its KV cache holds no token yet.
+
+    Reads the cache under any keyword (``cache``, ``past_key_values``, or any argument with
+    ``get_seq_length``); without a cache object, the call's ``cache_position`` tells (0 first);
+    with neither, every call is a whole sequence (no cache is used).
+    """
+    cache = find_cache(kwargs)
+    if cache is not None:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length()) == 0
+        try:  # legacy tuple cache: ((key, value), ...) with keys (batch, heads, seq, dim)
+            return int(cache[0][0].shape[-2]) == 0
+        except (IndexError, TypeError, AttributeError):
+            return False
+    position = kwargs.get("cache_position")
+    if isinstance(position, Tensor) and position.numel():
+        return int(position.reshape(-1)[0]) == 0
+    return True
+
+
+# ---- which handles act in this context -----------------------------------------------------------
+_ACTIVE: ContextVar[frozenset[int]] = ContextVar("steerwise_active_handles", default=frozenset())
+_IDS = count(1)
+
+
+def check_strength(value: float, what: str = "strength") -> float:
+    """``value`` as a float, or a ValueError naming it when it is not a finite number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v}")
+    return v
 
 
 class HookHandle:
-    """The life cycle every hook owner shares: module lookup, removal, context manager.
+    """The life cycle every hook owner shares: module lookup, removal, context manager, and the
+    context the hooks act in (the one that created the handle; see ``activate``).
 
-    Subclasses register their hooks into ``self._handles``; ``remove()`` (also on ``with`` exit,
-    whether or not the body raised) takes every one of them off the model.
+    Subclasses call ``_activate()`` once their hooks are in, check ``in_context()`` at the top
+    of every hook, and register their hooks into ``self._handles``; ``remove()`` (also on
+    ``with`` exit, whether or not the body raised) takes every one of them off the model.
     """
 
     model: nn.Module
     _handles: list[Any]
+    _id: int = 0
+
+    def _activate(self) -> None:
+        self._id = next(_IDS)
+        _ACTIVE.set(_ACTIVE.get() | {self._id})
+
+    def in_context(self) -> bool:
+        """Whether this handle acts in the current thread/context."""
+        return self._id in _ACTIVE.get()
+
+    @contextmanager
+    def activate(self) -> Iterator[Any]:
+        """Make the handle act in the current context too (e.g. another thread) while inside."""
+        token = _ACTIVE.set(_ACTIVE.get() | {self._id})
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
 
     def _get_module(self, site: Site) -> nn.Module:
         try:
@@ -120,6 +199,7 @@ class HookHandle:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        _ACTIVE.set(_ACTIVE.get() - {self._id})
 
     @property
     def active(self) -> bool:
@@ -132,8 +212,51 @@ class HookHandle:
         self.remove()
 
 
+# ---- one steered site, all recipes ------------------------------------------------------------
+@dataclass
+class _Slot:
+    """A hooked site: the entry of each recipe there (``None`` where a recipe does not steer it),
+    their stack, and the recipes whose gate runs outside the kernel."""
+
+    site: Site
+    entries: list[SiteSteering | None]
+    stack: SiteStack
+    external: list[tuple[int, Gate]]
+    live: bool  # trainable tensors: rebuild the stack every call so gradients reach them
+
+    def build(self) -> SiteStack:
+        return build_stack(
+            [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
+             for e in self.entries],
+            self.stack.dim,
+        )
+
+
+def _slot(site: Site, entries: list[SiteSteering | None]) -> _Slot:
+    real = [e for e in entries if e is not None]
+    dim = real[0].dim
+    for e in real:
+        if e.dim != dim:
+            raise ValueError(f"site {site.name!r}: recipes disagree on its width ({e.dim} vs {dim})")
+    live = any(p.requires_grad for e in real for p in (*e.map.parameters(), *e.gate.parameters()))
+    external = [(r, e.gate) for r, e in enumerate(entries)
+                if e is not None and e.gate.linear_form().kind == "external"]
+    slot = _Slot(site, entries, None, external, live)  # type: ignore[arg-type]
+    with torch.no_grad():
+        slot.stack = build_stack(
+            [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
+             for e in entries], dim)
+    return slot
+
+
 class SteeringHandle(HookHandle):
-    """Installed steering hooks; a context manager. ``strength`` may be changed at any time."""
+    """Installed steering hooks; a context manager.
+
+    One recipe: ``SteeringHandle(model, entries, strength)``; ``strength`` may be changed at any
+    time. Several: ``SteeringHandle.many(model, {"name": entries, ...})`` then, before each
+    batch, ``route(["name", None, ...], [4.0, 0.0, ...])`` gives each row its recipe (``None``:
+    unsteered) and strength.
+    """
 
     def __init__(
         self,
@@ -143,15 +266,96 @@ class SteeringHandle(HookHandle):
         *,
         trace: bool = False,
     ) -> None:
+        self._setup(model, {"": list(entries)}, trace)
+        self.strength = strength
+
+    @classmethod
+    def many(
+        cls, model: nn.Module, recipes: Mapping[str, Sequence[SiteSteering]], *, trace: bool = False
+    ) -> SteeringHandle:
+        """Several recipes on one model, each row of a batch routed to one of them (``route``);
+        every row is unsteered until routed."""
+        if not recipes:
+            raise ValueError("give at least one recipe")
+        self = cls.__new__(cls)
+        self._setup(model, {str(k): list(v) for k, v in recipes.items()}, trace)
+        self._strength = 0.0
+        return self
+
+    def _setup(
+        self, model: nn.Module, recipes: dict[str, list[SiteSteering]], trace: bool
+    ) -> None:
         self.model = model
-        self.entries = list(entries)
-        self.strength = float(strength)
+        self.names = list(recipes)
+        self._recipes = list(recipes.values())
+        self.entries = [e for entries in self._recipes for e in entries]
         self.trace_enabled = trace
         self._ctx = StepContext()
         self._handles: list[Any] = []
         self._trace: dict[str, list[Tensor]] = {}
         self._masks: list[Tensor | None] = []
+        self._strength = 0.0
+        self._rows: tuple[Tensor, Tensor] | None = None  # (strength (B,), recipe index (B,))
+        self._row_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._steering = False
+        by_site: dict[str, tuple[Site, list[SiteSteering | None]]] = {}
+        for r, entries in enumerate(recipes.values()):
+            for entry in entries:
+                slot = by_site.setdefault(entry.site.name, (entry.site, [None] * len(recipes)))
+                if slot[1][r] is not None:
+                    raise ValueError(f"a recipe steers site {entry.site.name!r} twice")
+                slot[1][r] = entry
+        self._by_site = by_site
+        self._slots: list[_Slot] = []
         self._install()
+
+    # ---- what to steer with ------------------------------------------------------------------
+    @property
+    def strength(self) -> float:
+        """The strength of every row (one-recipe handles)."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        if len(self.names) > 1:
+            raise ValueError("this handle holds several recipes: give each row its own with route()")
+        self._strength = check_strength(value)
+        self._rows = None
+        self._steering = self._strength != 0.0
+
+    def route(self, recipes: Sequence[str | None], strengths: Sequence[float]) -> None:
+        """Per batch row: the recipe (a name given to ``many``, or ``None`` = unsteered) and the
+        strength. Applies to every forward call until the next ``route``."""
+        if len(recipes) != len(strengths):
+            raise ValueError(f"{len(recipes)} recipes but {len(strengths)} strengths")
+        index, values = [], []
+        for row, (name, s) in enumerate(zip(recipes, strengths)):
+            s = check_strength(s, f"strength of row {row}")
+            if name is None:
+                index.append(0)
+                values.append(0.0)
+                continue
+            if name not in self.names:
+                raise KeyError(f"unknown recipe {name!r}; this handle holds: "
+                               f"{', '.join(map(repr, self.names))}")
+            index.append(self.names.index(name))
+            values.append(s)
+        self._rows = (torch.tensor(values, dtype=torch.float32), torch.tensor(index))
+        self._row_cache = {}
+        self._steering = any(v != 0.0 for v in values)
+
+    def _row_tensors(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        rows = self._rows
+        if rows is None:
+            raise RuntimeError("this handle holds several recipes: call route() before running")
+        if rows[0].shape[0] != batch:
+            raise ValueError(
+                f"route() gave {rows[0].shape[0]} rows but the model runs a batch of {batch}"
+            )
+        cached = self._row_cache.get(device)
+        if cached is None:
+            cached = self._row_cache[device] = (rows[0].to(device), rows[1].to(device))
+        return cached
 
     # ---- life cycle -------------------------------------------------------------------------
     def _install(self) -> None:
@@ -160,24 +364,34 @@ class SteeringHandle(HookHandle):
                 self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
             )
             fallback = next(self.model.parameters()).device
-            for entry in self.entries:  # gates that share state (CAST) find their partners
-                link = getattr(entry.gate, "link", None)
-                if callable(link):
-                    link(self.entries)
-            for entry in self.entries:
-                module = self._get_module(entry.site)
-                entry.to(_module_device(module, fallback))
-                if entry.site.io == "input":
-                    h = module.register_forward_pre_hook(self._make_input_hook(entry))
+            for entries in self._recipes:  # gates that share state (CAST) find their partners
+                for entry in entries:
+                    link = getattr(entry.gate, "link", None)
+                    if callable(link):
+                        link(entries)
+            for site, entries in self._by_site.values():
+                module = self._get_module(site)
+                device = _module_device(module, fallback)
+                for entry in entries:
+                    if entry is not None:
+                        entry.to(device)
+                slot = _slot(site, entries)
+                slot.stack = slot.stack.to(device)
+                self._slots.append(slot)
+                if site.io == "input":
+                    h = module.register_forward_pre_hook(self._make_input_hook(slot))
                 else:
-                    h = module.register_forward_hook(self._make_output_hook(entry))
+                    h = module.register_forward_hook(self._make_output_hook(slot))
                 self._handles.append(h)
         except BaseException:
             self.remove()
             raise
+        self._activate()
 
     # ---- hooks -----------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.in_context():
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -188,7 +402,8 @@ class SteeringHandle(HookHandle):
         else:
             mask = None
         prefill = is_prefill(kwargs)
-        self._ctx = StepContext(attention_mask=mask, is_prefill=prefill)
+        self._ctx = StepContext(attention_mask=mask, is_prefill=prefill,
+                                state={} if prefill else self._ctx.state)
         if prefill:
             for entry in self.entries:
                 entry.gate.reset()
@@ -198,59 +413,69 @@ class SteeringHandle(HookHandle):
         if self.trace_enabled:
             self._masks.append(mask.detach().cpu() if mask is not None else None)
 
-    def _steer(self, entry: SiteSteering, gate_fn, delta_fn, x: Tensor) -> Tensor | None:
-        """The steered activation, or None to leave it untouched.
-
-        ``gate_fn``/``delta_fn`` are the entry's ``gate.forward`` and ``map.delta``, bound once by
-        the hook factory: this runs for every site at every decoding step, where attribute look-ups
-        through ``nn.Module.__getattr__`` and module-call machinery cost more than the gate itself.
-        """
-        channel_dim = entry.site.channel_dim
-        moved = channel_dim not in (-1, x.ndim - 1)
-        t = x.float()
-        if moved:
-            t = t.movedim(channel_dim, -1)
-        coef = self.strength * entry.scale
-        gate = None
-        if coef != 0.0 or self.trace_enabled:
-            gate = gate_fn(t, self._ctx)
-        if self.trace_enabled:
-            shown = torch.ones(t.shape[:-1], device=t.device) if gate is None else gate
-            self._trace.setdefault(entry.site.name, []).append(
-                (shown * entry.scale).detach().float().cpu()
-            )
-        if coef == 0.0:
+    def _steer(self, slot: _Slot, x: Tensor) -> Tensor | None:
+        """The steered activation, or None to leave it untouched."""
+        if not self.in_context() or not (self._steering or self.trace_enabled):
             return None
-        delta = delta_fn(t)
-        if gate is None:
-            out = torch.add(t, delta, alpha=coef)
-        else:  # one fused kernel: t + coef · gate · delta
-            out = torch.addcmul(t, gate.unsqueeze(-1), delta, value=coef)
+        channel_dim = slot.site.channel_dim
+        moved = channel_dim not in (-1, x.ndim - 1)
+        if moved:
+            x = x.movedim(channel_dim, -1)
+        t = x.float()
+        stack = slot.build() if slot.live else slot.stack
+        index = None
+        strength: Tensor | float = self._strength
+        if self._rows is not None or len(self.names) > 1:
+            strength, index = self._row_tensors(t.shape[0], t.device)
+            shape = (t.shape[0],) + (1,) * (t.ndim - 2)
+            strength, index = strength.view(shape), index.view(shape)
+        external = None
+        if slot.external:
+            external = self._external(slot, t, index)
+        out, gate = steer(t, stack, strength, index, external)
+        if self.trace_enabled:
+            self._trace.setdefault(slot.site.name, []).append(
+                gate.detach().float().expand(t.shape[:-1]).cpu()
+            )
+        if not self._steering:
+            return None
         if moved:
             out = out.movedim(-1, channel_dim)
         return out.to(x.dtype)
 
-    def _make_output_hook(self, entry: SiteSteering):
-        index = entry.site.tuple_index
-        gate_fn, delta_fn = entry.gate.forward, entry.map.delta
+    def _external(self, slot: _Slot, t: Tensor, index: Tensor | None) -> Tensor:
+        """Per-token values of the gates that run outside the kernel, each on its own rows."""
+        ext = None
+        for r, gate in slot.external:
+            v = gate(t, self._ctx)
+            v = torch.ones(t.shape[:-1], device=t.device) if v is None else v.float()
+            if index is None:
+                return v
+            v = torch.where(index == r, v, torch.zeros((), device=t.device))
+            ext = v if ext is None else ext + v
+        return ext  # type: ignore[return-value]
 
-        what = f"site {entry.site.name!r}"
+    def _make_output_hook(self, slot: _Slot):
+        index = slot.site.tuple_index
+        what = f"site {slot.site.name!r}"
 
-        def steer(x: Tensor) -> Tensor | None:
-            return self._steer(entry, gate_fn, delta_fn, x)
+        def steer_output(x: Tensor) -> Tensor | None:
+            return self._steer(slot, x)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            return rewrite_output(output, index, steer, what)
+            if not self._steering and not self.trace_enabled:
+                return output
+            return rewrite_output(output, index, steer_output, what)
 
         return hook
 
-    def _make_input_hook(self, entry: SiteSteering):
-        gate_fn, delta_fn = entry.gate.forward, entry.map.delta
-
+    def _make_input_hook(self, slot: _Slot):
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not self._steering and not self.trace_enabled:
+                return None
             if not args or not isinstance(args[0], Tensor):
-                raise TypeError(f"site {entry.site.name!r}: the module got no positional tensor")
-            new = self._steer(entry, gate_fn, delta_fn, args[0])
+                raise TypeError(f"site {slot.site.name!r}: the module got no positional tensor")
+            new = self._steer(slot, args[0])
             return None if new is None else (new, *args[1:])
 
         return pre_hook
@@ -260,11 +485,13 @@ class SteeringHandle(HookHandle):
         """(site names, values (batch, tokens, sites), mask (batch, tokens) or None).
 
         Values are ``a_l · h_l(t)``, the per-token multiplier of the strength, for every forward
-        call since the last prefill (prompt tokens, then one column per generated token).
+        call since the last prefill (prompt tokens, then one column per generated token). With
+        several recipes, each row's values come from its own recipe (0 at sites it does not
+        steer).
         """
         if not self.trace_enabled:
             raise RuntimeError("this handle was created without trace=True")
-        names = [e.site.name for e in self.entries if e.site.name in self._trace]
+        names = [s.site.name for s in self._slots if s.site.name in self._trace]
         if not names:
             raise RuntimeError("nothing traced yet: run the model inside the context first")
         cols = [torch.cat(self._trace[n], dim=1) for n in names]

@@ -9,10 +9,12 @@ the hook handle calls when a new sequence starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+
+from ..kernel import LinearGate
 
 GATE_REGISTRY: dict[str, type[Gate]] = {}
 
@@ -28,11 +30,14 @@ class StepContext:
 
     ``attention_mask`` covers the *current* positions only (batch, new_tokens), 1 = real token;
     ``None`` when the caller passed no mask. ``is_prefill`` is true when the call starts a new
-    sequence (no KV cache yet).
+    sequence (no KV cache yet). ``state`` holds per-sequence gate state (e.g. CAST's per-row
+    decision), keyed by ``id(gate)``: it belongs to the hook handle, not to the gate, so one recipe
+    applied in two threads keeps two states; the handle clears it at every prefill.
     """
 
     attention_mask: Tensor | None = None
     is_prefill: bool = True
+    state: dict[int, Any] = field(default_factory=dict)
 
 
 class Gate(nn.Module):
@@ -41,8 +46,15 @@ class Gate(nn.Module):
     def forward(self, t: Tensor, ctx: StepContext) -> Tensor | None:  # noqa: D401
         raise NotImplementedError
 
+    def linear_form(self) -> LinearGate:
+        """The gate in the kernel's canonical form ``f(w·t + c)`` (``steerwise.kernel``).
+
+        The default, ``"external"``, means the hook calls ``forward`` and hands its per-token
+        values to the kernel: right for stateful gates (CAST) and wrappers."""
+        return LinearGate("external")
+
     def reset(self) -> None:
-        """Forget per-sequence state (called at every prefill)."""
+        """Forget per-sequence state kept on the gate itself (called at every prefill)."""
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -60,6 +72,9 @@ class NoGate(Gate):
 
     def forward(self, t: Tensor, ctx: StepContext) -> Tensor | None:
         return None
+
+    def linear_form(self) -> LinearGate:
+        return LinearGate("one")
 
     @classmethod
     def empty(cls, dim: int, config: dict[str, Any]) -> NoGate:

@@ -9,7 +9,9 @@ the prompt is steered (gate 1) when sim passes a threshold — above or below it
 threshold and side chosen by an F1 grid search on the fitting data.
 
 Decisions are **per row**, taken on the prompt at prefill, and kept for every decode step of
-that row; ``reset()`` (called by the hook handle at each prefill) forgets them.
+that row. The decision lives in the hook handle's per-sequence state (``StepContext.state``), not
+on the gate, so one recipe applied in two threads decides twice, independently; the handle
+clears it at each prefill.
 
 How the decision reaches every steered layer: the gate at the condition site is the
 *condition* gate — it computes and stores the per-row decision; the gates of all other steered
@@ -202,12 +204,7 @@ class CASTGate(Gate):
         self.condition_site = condition_site
         if vector is not None:
             self.register_buffer("vector", vector.detach().float().reshape(-1).clone())
-        self.decision: Tensor | None = None
         self._leader: list[CASTGate] = []  # a list, so the leader is not a registered submodule
-
-    # per-sequence state
-    def reset(self) -> None:
-        self.decision = None
 
     def link(self, entries: Sequence[Any]) -> None:
         """Find this follower's condition gate among the steering's entries (handle install)."""
@@ -238,13 +235,13 @@ class CASTGate(Gate):
 
     def forward(self, t: Tensor, ctx: StepContext) -> Tensor:
         if self.role == "condition":
-            if ctx.is_prefill or self.decision is None:
-                self.decision = self.decide(t, ctx).detach()
-            decision = self.decision
+            decision = ctx.state.get(id(self))
+            if ctx.is_prefill or decision is None:
+                decision = ctx.state[id(self)] = self.decide(t, ctx).detach()
         else:
             if not self._leader:
                 raise RuntimeError("CAST follower gate used before link(): apply it via a recipe")
-            decision = self._leader[0].decision
+            decision = ctx.state.get(id(self._leader[0]))
             if decision is None:  # before the condition layer at prefill
                 return torch.zeros(t.shape[:-1], dtype=t.dtype, device=t.device)
         if decision.shape[0] != t.shape[0]:

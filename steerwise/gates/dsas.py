@@ -22,6 +22,7 @@ from sklearn.pipeline import make_pipeline
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from ..kernel import LinearGate
 from ..maps.base import as_float_rows
 from .base import Gate, StepContext, register_gate
 
@@ -79,6 +80,11 @@ class DSASGate(Gate):
         if self.constant:
             return None
         return torch.matmul(t, self.weight).add_(self.bias).sigmoid_()
+
+    def linear_form(self) -> LinearGate:
+        if self.constant:
+            return LinearGate("one")
+        return LinearGate("sigmoid", self.weight, self.bias)
 
     def config(self) -> dict[str, Any]:
         return {"constant": self.constant}

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..kernel import LinearGate
 from .base import Gate, StepContext, register_gate
 
 ACTIVATIONS = ("sigmoid", "relu")
@@ -42,6 +43,9 @@ class E2EGate(Gate):
     def forward(self, t: Tensor, ctx: StepContext) -> Tensor:
         z = t @ self.weight + self.bias
         return torch.sigmoid(z) if self.activation == "sigmoid" else torch.relu(z)
+
+    def linear_form(self) -> LinearGate:
+        return LinearGate(self.activation, self.weight, self.bias)
 
     def config(self) -> dict[str, Any]:
         return {"activation": self.activation}

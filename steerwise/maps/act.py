@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernel import AffineMap
 from .base import SteeringMap, as_float_rows, register_map
 
 
@@ -62,8 +63,8 @@ class _SupportMixin(SteeringMap):
 
     support: bool
 
-    def support_mask(self, t: Tensor) -> Tensor:
-        return ((t >= self.lo) & (t <= self.hi)).to(t.dtype)
+    def _bounds(self) -> tuple[Tensor | None, Tensor | None]:
+        return (self.lo, self.hi) if self.support else (None, None)
 
 
 @register_map
@@ -85,10 +86,9 @@ class MeanActMap(_SupportMixin):
             "hi", torch.full_like(shift, torch.inf) if hi is None else hi.float().clone()
         )
 
-    def delta(self, t: Tensor) -> Tensor:
-        if not self.support:
-            return self.shift
-        return self.shift * self.support_mask(t)
+    def affine(self) -> AffineMap:
+        lo, hi = self._bounds()
+        return AffineMap(b=self.shift, lo=lo, hi=hi)
 
     def config(self) -> dict[str, Any]:
         return {"support": self.support}
@@ -129,11 +129,9 @@ class LinearActMap(_SupportMixin):
             "hi", torch.full_like(omega, torch.inf) if hi is None else hi.float().clone()
         )
 
-    def delta(self, t: Tensor) -> Tensor:
-        d = torch.addcmul(self.beta, self.omega - 1.0, t)
-        if not self.support:
-            return d
-        return d * self.support_mask(t)
+    def affine(self) -> AffineMap:
+        lo, hi = self._bounds()
+        return AffineMap(b=self.beta, a=self.omega - 1.0, lo=lo, hi=hi)
 
     def config(self) -> dict[str, Any]:
         return {"support": self.support}

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..kernel import AffineMap
+
 MAP_REGISTRY: dict[str, type[SteeringMap]] = {}
 
 
@@ -31,7 +33,16 @@ class SteeringMap(nn.Module):
 
     def delta(self, t: Tensor) -> Tensor:
         """T(t; 1) − t for float32 activations ``t`` of shape (..., d); broadcastable result."""
-        raise NotImplementedError
+        f = self.affine()
+        d = f.b if f.a is None else torch.addcmul(f.b, f.a, t)
+        if f.lo is not None and f.hi is not None:
+            d = d * ((t >= f.lo) & (t <= f.hi)).to(t.dtype)
+        return d
+
+    def affine(self) -> AffineMap:
+        """The map in the kernel's canonical form ``δ(t) = m(t) ⊙ (a ⊙ t + b)``
+        (``steerwise.kernel``); every map the kernel can run implements it."""
+        raise NotImplementedError(f"map {self.method!r} has no canonical (affine) form")
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings needed (with the tensors) to rebuild the map."""

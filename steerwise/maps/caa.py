@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernel import AffineMap
 from .base import SteeringMap, as_float_rows, register_map
 
 
@@ -18,8 +19,8 @@ class CAAMap(SteeringMap):
         super().__init__()
         self.register_buffer("vector", vector.detach().float().clone())
 
-    def delta(self, t: Tensor) -> Tensor:
-        return self.vector
+    def affine(self) -> AffineMap:
+        return AffineMap(b=self.vector)
 
     @classmethod
     def fit(cls, source: Tensor, target: Tensor, **_: Any) -> CAAMap:

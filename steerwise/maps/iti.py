@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
+from ..kernel import AffineMap
 from .base import SteeringMap, as_float_rows, register_map
 
 DEFAULT_TOP_K_HEADS = 48  # the ITI paper's K for LLaMA-7B; clipped to the number of heads
@@ -135,9 +136,9 @@ class ITIMap(SteeringMap):
     def per_head(self) -> bool:
         return self.n_groups > 1
 
-    def delta(self, t: Tensor) -> Tensor:
+    def affine(self) -> AffineMap:
         g = self.n_groups
-        return (self.unit.view(g, -1) * (self.sigma * self.mask).unsqueeze(-1)).reshape(-1)
+        return AffineMap(b=(self.unit.view(g, -1) * (self.sigma * self.mask).unsqueeze(-1)).reshape(-1))
 
     def config(self) -> dict[str, Any]:
         return {"n_heads": self.n_groups if self.per_head else 0}

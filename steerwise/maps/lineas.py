@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..activations import ensure_pad_token, forward_kwargs, max_model_length, pad_batch, pool, tokenize
 from ..gates.base import NoGate
+from ..kernel import AffineMap
 from .base import SteeringMap, register_map
 
 
@@ -52,8 +53,8 @@ class LinEASMap(SteeringMap):
     def identity(cls, dim: int) -> LinEASMap:
         return cls(torch.ones(dim), torch.zeros(dim))
 
-    def delta(self, t: Tensor) -> Tensor:
-        return torch.addcmul(self.beta, self.omega - 1.0, t)
+    def affine(self) -> AffineMap:
+        return AffineMap(b=self.beta, a=self.omega - 1.0)
 
     def active_dims(self) -> int:
         """Dimensions whose map is not the identity (ω ≠ 1 or β ≠ 0)."""

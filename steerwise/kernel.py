@@ -1,0 +1,215 @@
+"""The steering arithmetic, once, for every backend (HF hooks, the server, vLLM, diffusion).
+
+A fitted steering is compiled, per site, into a ``SiteStack``: the tensors of R recipes side by
+side. For activations ``x`` of any leading shape (last dim d) and, per token, a strength ``λ`` and
+a recipe index ``r``, ``steer`` computes
+
+    x' = x + λ · a[r] · h[r](x) · δ[r](x)
+
+with ``a`` the layer scales, ``h`` the gates and ``δ(x) = T(x; 1) − x`` the maps, all in one
+canonical form:
+
+- map: ``δ(x) = m(x) ⊙ (A ⊙ x + b)`` — additive maps (CAA, ITI, Mean-AcT) have ``A = 0``, affine
+  maps (Linear-AcT, LinEAS) ``A = ω − 1``; ``m(x) = 1[lo ≤ x ≤ hi]`` per dimension where a map
+  restricts itself to the source support (AcT), else 1;
+- gate: ``h(x) = f(w·x + c)`` with ``f`` ∈ {1 (ungated or a constant DSAS layer), sigmoid (DSAS,
+  DSAS-adaptive, E2E-sigmoid), relu (E2E-ReLU)}, or an *external* per-token value computed by a
+  stateful gate outside the kernel (CAST's per-row decision, diffusion's runtime gates).
+
+``steer`` has no Python control flow on tensor values: the choices it makes (are there affine
+maps? supports? several gate kinds? one recipe or several?) are static attributes of the stack,
+fixed when it is built. So it runs under ``torch.compile(fullgraph=True)``, and a token with
+strength 0 (or "no recipe": strength 0) is plain arithmetic. When the strength is a tensor, tokens
+whose coefficient is 0 get ``x`` back exactly (``torch.where``), so strength 0 is bit-identical
+to the unsteered activation for every row of a mixed batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# gate functions f of the canonical form, by code
+GATE_ONE, GATE_SIGMOID, GATE_RELU, GATE_EXTERNAL = 0, 1, 2, 3
+GATE_CODES = {"one": GATE_ONE, "sigmoid": GATE_SIGMOID, "relu": GATE_RELU,
+              "external": GATE_EXTERNAL}
+
+
+@dataclass
+class AffineMap:
+    """``δ(x) = m(x) ⊙ (a ⊙ x + b)``; ``a is None`` for additive maps, ``lo``/``hi`` (per-dimension
+    support bounds) ``None`` when the map is not restricted to a support."""
+
+    b: Tensor
+    a: Tensor | None = None
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+
+
+@dataclass
+class LinearGate:
+    """``h(x) = f(w·x + c)`` with ``f`` one of ``"one"``, ``"sigmoid"``, ``"relu"``, or
+    ``"external"`` (the value comes from outside the kernel)."""
+
+    kind: str
+    w: Tensor | None = None
+    c: Tensor | None = None
+
+
+@dataclass
+class SiteStack:
+    """The tensors of R recipes at one site (float32, one device), plus static flags.
+
+    Shapes: ``b``, ``a``, ``lo``, ``hi``, ``w``: (R, d); ``c``, ``scale``, ``code``: (R,);
+    ``mix``: (R, 4), one-hot of each recipe's gate code. ``a``/``lo``/``hi`` are ``None`` when no
+    recipe needs them; ``kinds`` is the set of gate codes present.
+    """
+
+    b: Tensor
+    w: Tensor
+    c: Tensor
+    scale: Tensor
+    mix: Tensor
+    kinds: frozenset[int]
+    a: Tensor | None = None
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+
+    @property
+    def n_recipes(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.b.shape[1])
+
+    @property
+    def needs_external(self) -> bool:
+        return GATE_EXTERNAL in self.kinds
+
+    def to(self, device: torch.device | str) -> SiteStack:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return SiteStack(b=mv(self.b), w=mv(self.w), c=mv(self.c), scale=mv(self.scale),  # type: ignore[arg-type]
+                         mix=mv(self.mix), kinds=self.kinds, a=mv(self.a), lo=mv(self.lo),  # type: ignore[arg-type]
+                         hi=mv(self.hi))
+
+
+def build_stack(
+    parts: Sequence[tuple[AffineMap, LinearGate, float] | None], dim: int
+) -> SiteStack:
+    """Stack R recipes' (map, gate, layer scale) at one site; ``None`` = the recipe does not
+    steer this site (a zero row: scale 0, map 0)."""
+    if not parts:
+        raise ValueError("a site stack needs at least one recipe")
+    zeros = torch.zeros(dim)
+    bs, as_, los, his, ws, cs, scales, codes = [], [], [], [], [], [], [], []
+    for p in parts:
+        if p is None:
+            p = (AffineMap(zeros), LinearGate("one"), 0.0)
+        m, g, scale = p
+        for name, t in (("b", m.b), ("a", m.a), ("lo", m.lo), ("hi", m.hi), ("w", g.w)):
+            if t is not None and t.shape[-1] != dim:
+                raise ValueError(f"site stack: {name} has width {t.shape[-1]}, expected {dim}")
+        if g.kind not in GATE_CODES:
+            raise ValueError(f"unknown gate form {g.kind!r}; known: {', '.join(GATE_CODES)}")
+        bs.append(m.b.float().reshape(dim))
+        as_.append(None if m.a is None else m.a.float().reshape(dim))
+        los.append(None if m.lo is None else m.lo.float().reshape(dim))
+        his.append(None if m.hi is None else m.hi.float().reshape(dim))
+        ws.append(zeros if g.w is None else g.w.float().reshape(dim))
+        cs.append(torch.zeros(()) if g.c is None else torch.as_tensor(g.c).float().reshape(()))
+        scales.append(torch.as_tensor(float(scale)) if not isinstance(scale, Tensor)
+                      else scale.float().reshape(()))
+        codes.append(GATE_CODES[g.kind])
+    fill_a = [zeros if t is None else t for t in as_]
+    inf = torch.full((dim,), torch.inf)
+    fill_lo = [-inf if t is None else t for t in los]
+    fill_hi = [inf if t is None else t for t in his]
+    code = torch.tensor(codes)
+    return SiteStack(
+        b=torch.stack(bs),
+        w=torch.stack(ws),
+        c=torch.stack(cs),
+        scale=torch.stack(scales),
+        mix=torch.nn.functional.one_hot(code, 4).float(),
+        kinds=frozenset(codes),
+        a=None if all(t is None for t in as_) else torch.stack(fill_a),
+        lo=None if all(t is None for t in los) else torch.stack(fill_lo),
+        hi=None if all(t is None for t in his) else torch.stack(fill_hi),
+    )
+
+
+def _gate_fn(code: int, z: Tensor | None, external: Tensor | None, lead: torch.Size,
+             like: Tensor) -> Tensor:
+    if code == GATE_SIGMOID:
+        return torch.sigmoid(z)  # type: ignore[arg-type]
+    if code == GATE_RELU:
+        return torch.relu(z)  # type: ignore[arg-type]
+    if code == GATE_EXTERNAL:
+        if external is None:
+            raise ValueError("this site stack has an external gate: pass its per-token values")
+        return external.to(like.dtype).expand(lead)
+    return torch.ones(lead, dtype=like.dtype, device=like.device)
+
+
+def steer(
+    x: Tensor,
+    stack: SiteStack,
+    strength: Tensor | float,
+    index: Tensor | None = None,
+    external: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(x', g)``: the steered activation (dtype of ``x``) and the per-token gate ``a[r]·h[r](x)``.
+
+    ``x``: (..., d). ``strength``: a float for every token, or a tensor broadcastable to
+    ``x.shape[:-1]``. ``index``: the recipe of each token, a long tensor broadcastable to
+    ``x.shape[:-1]`` (``None`` only for a stack of one recipe). ``external``: per-token gate
+    values (broadcastable to ``x.shape[:-1]``) for stacks with an external gate. Computed in
+    float32; a float ``strength`` of 0 is the caller's to skip (nothing to compute).
+    """
+    t = x.float()
+    lead = t.shape[:-1]
+    linear = bool(stack.kinds & {GATE_SIGMOID, GATE_RELU})
+    if stack.n_recipes == 1:
+        z = torch.matmul(t, stack.w[0]) + stack.c[0] if linear else None
+        (code,) = stack.kinds
+        g = _gate_fn(code, z, external, lead, t) * stack.scale[0]
+        b = stack.b[0]
+        a = None if stack.a is None else stack.a[0]
+        lo = None if stack.lo is None else stack.lo[0]
+        hi = None if stack.hi is None else stack.hi[0]
+    else:
+        if index is None:
+            raise ValueError(f"a stack of {stack.n_recipes} recipes needs a per-token recipe index")
+        idx = index.expand(lead)
+        z = None
+        if linear:
+            z_all = torch.matmul(t, stack.w.T) + stack.c  # (..., R)
+            z = z_all.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        if len(stack.kinds) == 1:
+            (code,) = stack.kinds
+            h = _gate_fn(code, z, external, lead, t)
+        else:
+            mix = stack.mix[idx]  # (..., 4) one-hot of each token's gate form
+            h = mix[..., min(stack.kinds)] * _gate_fn(min(stack.kinds), z, external, lead, t)
+            for k in sorted(stack.kinds)[1:]:
+                h = h + mix[..., k] * _gate_fn(k, z, external, lead, t)
+        g = h * stack.scale[idx]
+        b = stack.b[idx]
+        a = None if stack.a is None else stack.a[idx]
+        lo = None if stack.lo is None else stack.lo[idx]
+        hi = None if stack.hi is None else stack.hi[idx]
+    delta = b if a is None else torch.addcmul(b, a, t)
+    if lo is not None and hi is not None:
+        delta = delta * ((t >= lo) & (t <= hi)).to(t.dtype)
+    if isinstance(strength, Tensor):
+        coef = (g * strength.to(t.dtype)).unsqueeze(-1)
+        out = torch.where(coef != 0, torch.addcmul(t, coef, delta), t)
+    else:
+        out = torch.addcmul(t, (g * float(strength)).unsqueeze(-1), delta)
+    return out.to(x.dtype), g
