@@ -173,6 +173,27 @@ def steer(
     float32; a float ``strength`` of 0 is the caller's to skip (nothing to compute).
     """
     t = x.float()
+    coef, delta, g = steer_terms(t, stack, strength, index, external)
+    if isinstance(strength, Tensor):
+        out = torch.where(coef != 0, torch.addcmul(t, coef, delta), t)
+    else:
+        out = torch.addcmul(t, coef, delta)
+    return out.to(x.dtype), g
+
+
+def steer_terms(
+    t: Tensor,
+    stack: SiteStack,
+    strength: Tensor | float,
+    index: Tensor | None = None,
+    external: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(coef, delta, g)`` with ``x' = x + coef · delta`` for float32 activations ``t`` (..., d):
+    ``coef = λ · a[r] · h[r](t)`` with shape (..., 1), ``delta = δ[r](t)`` (broadcastable to
+    ``t``), ``g = a[r] · h[r](t)`` (...,). For backends that add the steering to another tensor
+    than the one the gate reads (vLLM's decoder layers return ``(hidden, residual)``: the gate
+    reads their sum, the update goes to ``hidden``); keep ``coef == 0`` tokens exact with
+    ``torch.where(coef != 0, ...)`` as ``steer`` does."""
     lead = t.shape[:-1]
     linear = bool(stack.kinds & {GATE_SIGMOID, GATE_RELU})
     if stack.n_recipes == 1:
@@ -209,7 +230,6 @@ def steer(
         delta = delta * ((t >= lo) & (t <= hi)).to(t.dtype)
     if isinstance(strength, Tensor):
         coef = (g * strength.to(t.dtype)).unsqueeze(-1)
-        out = torch.where(coef != 0, torch.addcmul(t, coef, delta), t)
     else:
-        out = torch.addcmul(t, (g * float(strength)).unsqueeze(-1), delta)
-    return out.to(x.dtype), g
+        coef = (g * float(strength)).unsqueeze(-1)
+    return coef, delta, g

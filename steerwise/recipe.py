@@ -139,6 +139,20 @@ def write_recipe_dir(target: Path, tensors: dict[str, torch.Tensor], config: dic
     return target
 
 
+def apply_recipes(
+    model: nn.Module, recipes: dict[str, Recipe], *, trace: bool = False
+) -> SteeringHandle:
+    """Install several recipes at once; each batch row then picks its own with
+    ``handle.route(names, strengths)`` (a name, or ``None`` for an unsteered row)."""
+    for name, recipe in recipes.items():
+        try:
+            recipe.check_model(model)
+        except RecipeMismatchError as exc:
+            raise RecipeMismatchError(f"recipe {name!r}: {exc}") from None
+        recipe.check_applicable()
+    return SteeringHandle.many(model, {n: r.entries for n, r in recipes.items()}, trace=trace)
+
+
 @dataclass
 class Recipe:
     """A fitted steering: a list of ``SiteSteering`` entries plus metadata."""
@@ -160,14 +174,18 @@ class Recipe:
     ) -> SteeringHandle:
         """Install the steering on ``model``; use as ``with recipe.apply(model, 4.0): ...``."""
         self.check_model(model)
+        self.check_applicable()
+        s = self.default_strength if strength is None else strength
+        return SteeringHandle(model, self.entries, s, trace=trace)
+
+    def check_applicable(self) -> None:
+        """Refuse recipes that need a driver of their own (multi-bucket diffusion recipes)."""
         buckets = len(self.fit_info.get("diffusion", {}).get("timestep_buckets", [])) - 1
         if buckets > 1:
             raise ValueError(
                 f"this diffusion recipe has {buckets} timestep buckets, which must switch with the "
                 f"denoising step: apply it with steerwise.diffusion.steer(pipe, recipe, strength)"
             )
-        s = self.default_strength if strength is None else float(strength)
-        return SteeringHandle(model, self.entries, s, trace=trace)
 
     @property
     def sites(self) -> list[Site]:
