@@ -1,0 +1,262 @@
+"""Steering inside a loaded vLLM model: hooks on decoder layers, per-token routing buffers.
+
+Pure torch (no vLLM import): the worker (``steerwise.vllm.worker``) builds one ``VllmSteering``
+after the model is loaded and, before every forward pass, writes each token's recipe index and
+strength into two persistent buffers (``fill``). The hooks read those buffers and run the shared
+kernel (``steerwise.kernel``); they have no Python branch on tensor values, so vLLM's
+``torch.compile`` traces them into its graph, and a token with strength 0 gets its activation
+back bit for bit (``torch.where``).
+
+Sites, per decoder layer ``l`` (vLLM flattens tokens: activations are ``(num_tokens, d)``):
+
+``residual.l``  the layer returns ``(hidden, residual)``; the residual stream after the layer is
+                their sum (what the next layer's fused add-norm computes). The gate reads the
+                sum, the steering is added to ``hidden``.
+``attn.l``      the output of ``self_attn`` (its contribution to the residual stream);
+``mlp.l``       the output of ``mlp``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..kernel import SiteStack, build_stack, steer, steer_terms
+from ..recipe import Recipe
+
+# request fields (SamplingParams.extra_args; over HTTP: vllm_xargs)
+XARG_RECIPE = "steering_recipe"
+XARG_STRENGTH = "steering_strength"
+
+SUPPORTED_KINDS = ("residual", "attn", "mlp")
+# model types whose decoder layers return (hidden, residual) and whose attn/mlp outputs are the
+# blocks' contributions to the residual stream, as in steerwise's HF sites (tested: qwen2, llama)
+TESTED_MODEL_TYPES = ("qwen2", "llama")
+_CHILD = {"attn": "self_attn", "mlp": "mlp"}
+_SITE_RE = re.compile(r"(residual|attn|mlp|heads)\.(\d+)")
+
+
+class SteeringRequestError(ValueError):
+    """A request whose steering fields are invalid (unknown recipe, bad strength)."""
+
+
+def parse_request(
+    extra_args: Mapping[str, Any] | None, recipes: Mapping[str, float]
+) -> tuple[str | None, float]:
+    """``(recipe name or None, strength)`` of one request's ``extra_args``.
+
+    ``recipes`` maps each loaded recipe's name to its default strength (used when a request names
+    a recipe but no strength). No recipe, or strength 0, is an unsteered request.
+    """
+    args = extra_args or {}
+    name = args.get(XARG_RECIPE)
+    raw = args.get(XARG_STRENGTH)
+    if name is None or name == "":
+        if raw not in (None, 0, 0.0, "0"):
+            raise SteeringRequestError(
+                f"{XARG_STRENGTH}={raw!r} given without {XARG_RECIPE}: name the recipe to steer with"
+            )
+        return None, 0.0
+    if not isinstance(name, str) or name not in recipes:
+        known = ", ".join(map(repr, recipes)) or "none"
+        raise SteeringRequestError(
+            f"unknown steering recipe {name!r} ({XARG_RECIPE}); this engine loaded: {known}"
+        )
+    if raw is None:
+        return name, float(recipes[name])
+    try:
+        strength = float(raw)
+    except (TypeError, ValueError):
+        raise SteeringRequestError(f"{XARG_STRENGTH} must be a number, got {raw!r}") from None
+    if not np.isfinite(strength):
+        raise SteeringRequestError(f"{XARG_STRENGTH} must be a finite number, got {raw!r}")
+    return name, strength
+
+
+def parse_site(name: str) -> tuple[str, int]:
+    """``(kind, layer)`` of a recipe site name such as ``residual.3``; refuses the rest."""
+    m = _SITE_RE.fullmatch(name)
+    if m is None or m.group(1) not in SUPPORTED_KINDS:
+        raise ValueError(
+            f"site {name!r} is not supported in vLLM: steerwise.vllm steers the named sites "
+            f"{', '.join(k + '.<layer>' for k in SUPPORTED_KINDS)} (not 'heads' or regex sites)"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def find_decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    """The vLLM model's decoder-layer list (its length is the configured layer count)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and name.endswith("layers"):
+            return name, mod
+    raise ValueError(f"cannot find the {n_layers} decoder layers of this vLLM model "
+                     f"({type(model).__name__})")
+
+
+class RoutingState(nn.Module):
+    """Per-token recipe index and strength, persistent (fixed address for CUDA graphs), filled
+    outside the compiled region before every forward pass."""
+
+    def __init__(self, max_tokens: int, device: torch.device | str) -> None:
+        super().__init__()
+        self.register_buffer("strength", torch.zeros(max_tokens, device=device), persistent=False)
+        self.register_buffer("index", torch.zeros(max_tokens, dtype=torch.long, device=device),
+                             persistent=False)
+        self._cpu_strength = torch.zeros(max_tokens)
+        self._cpu_index = torch.zeros(max_tokens, dtype=torch.long)
+        self.dirty = True  # buffers may hold nonzero strengths
+
+
+@dataclass
+class _SiteHook:
+    kind: str
+    layer: int
+    stack: SiteStack
+
+
+class VllmSteering:
+    """Several recipes installed on one vLLM model (one per worker / tensor-parallel rank)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipes: Mapping[str, Recipe],
+        *,
+        model_type: str,
+        hidden_size: int,
+        num_layers: int,
+        max_tokens: int,
+        device: torch.device | str,
+    ) -> None:
+        if not recipes:
+            raise ValueError("steerwise.vllm: give at least one recipe")
+        self.names = list(recipes)
+        self.defaults = {n: float(r.default_strength) for n, r in recipes.items()}
+        self.max_tokens = int(max_tokens)
+        for name, recipe in recipes.items():
+            _check_recipe(name, recipe, model_type, hidden_size, num_layers)
+        self.state = RoutingState(self.max_tokens, device)
+        prefix, layers = find_decoder_layers(model, num_layers)
+        by_site: dict[tuple[str, int], list[Any]] = {}
+        for r, recipe in enumerate(recipes.values()):
+            for e in recipe.entries:
+                key = parse_site(e.site.name)
+                by_site.setdefault(key, [None] * len(recipes))[r] = e
+        self.hooks: list[Any] = []
+        self.sites: list[_SiteHook] = []
+        try:
+            for (kind, layer), entries in sorted(by_site.items(), key=lambda kv: kv[0][::-1]):
+                module = layers[layer]
+                if type(module).__name__ == "PPMissingLayer":
+                    continue  # another pipeline stage holds this layer
+                if kind != "residual":
+                    child = getattr(module, _CHILD[kind], None)
+                    if child is None:
+                        raise ValueError(f"site {kind}.{layer}: {prefix}.{layer} has no "
+                                         f"{_CHILD[kind]!r} block")
+                    module = child
+                with torch.no_grad():
+                    stack = build_stack(
+                        [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
+                         for e in entries], hidden_size).to(device)
+                site = _SiteHook(kind, layer, stack)
+                self.sites.append(site)
+                self.hooks.append(module.register_forward_hook(self._make_hook(site)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    # ---- per step, outside the compiled region --------------------------------------------------
+    def fill(self, routes: Sequence[tuple[int, float]], counts: Sequence[int] | np.ndarray,
+             num_tokens: int) -> None:
+        """Write the buffers for one forward pass: request ``i`` owns the next ``counts[i]``
+        tokens and is steered by recipe ``routes[i][0]`` at strength ``routes[i][1]``; tokens
+        past the requests (padding) and up to ``num_tokens`` get strength 0."""
+        st = self.state
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"steerwise.vllm: {num_tokens} tokens in one step, buffers hold "
+                             f"{self.max_tokens}")
+        steered = any(s != 0.0 for _, s in routes)
+        if not steered:
+            if st.dirty:
+                st.strength.zero_()
+                st.dirty = False
+            return
+        counts = np.asarray(counts, dtype=np.int64)
+        n = int(counts.sum())
+        idx = np.repeat(np.fromiter((r for r, _ in routes), np.int64, len(routes)), counts)
+        val = np.repeat(np.fromiter((s for _, s in routes), np.float32, len(routes)), counts)
+        st._cpu_index[:n] = torch.from_numpy(idx)
+        st._cpu_strength[:n] = torch.from_numpy(val)
+        st._cpu_strength[n:num_tokens] = 0.0
+        st._cpu_index[n:num_tokens] = 0
+        st.strength[:num_tokens].copy_(st._cpu_strength[:num_tokens], non_blocking=True)
+        st.index[:num_tokens].copy_(st._cpu_index[:num_tokens], non_blocking=True)
+        st.dirty = True
+
+    # ---- hooks (traced by torch.compile: no branch on tensor values) ----------------------------
+    def _make_hook(self, site: _SiteHook):
+        state = self.state
+        stack = site.stack
+        what = f"steerwise.vllm site {site.kind}.{site.layer}"
+
+        if site.kind == "residual":
+            def residual_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+                if not (isinstance(output, tuple) and len(output) == 2):
+                    raise TypeError(f"{what}: expected the decoder layer to return (hidden, "
+                                    f"residual), got {type(output).__name__}")
+                hidden, residual = output
+                n = hidden.shape[0]
+                strength, index = state.strength[:n], state.index[:n]
+                h = hidden.float()
+                coef, delta, _ = steer_terms(h + residual.float(), stack, strength, index)
+                new = torch.where(coef != 0, torch.addcmul(h, coef, delta), h).to(hidden.dtype)
+                return new, residual
+
+            return residual_hook
+
+        def block_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"{what}: expected a tensor output, got {type(output).__name__}")
+            n = output.shape[0]
+            out, _ = steer(output, stack, state.strength[:n], state.index[:n])
+            return out
+
+        return block_hook
+
+
+def _check_recipe(name: str, recipe: Recipe, model_type: str, hidden_size: int,
+                  num_layers: int) -> None:
+    ident = recipe.model
+    problems = []
+    if ident.model_type != model_type:
+        problems.append(f"model type {model_type!r} (recipe: {ident.model_type!r})")
+    if ident.hidden_size != hidden_size:
+        problems.append(f"hidden size {hidden_size} (recipe: {ident.hidden_size})")
+    if ident.num_layers != num_layers:
+        problems.append(f"{num_layers} layers (recipe: {ident.num_layers})")
+    if problems:
+        raise ValueError(f"recipe {name!r} was fitted for another model: the served model has "
+                         + ", ".join(problems))
+    recipe.check_applicable()
+    for e in recipe.entries:
+        parse_site(e.site.name)
+        if e.dim != hidden_size:
+            raise ValueError(f"recipe {name!r}, site {e.site.name!r}: width {e.dim}, the model's "
+                             f"hidden size is {hidden_size}")
+        if e.gate.linear_form().kind == "external":
+            raise ValueError(
+                f"recipe {name!r}, site {e.site.name!r}: gate {e.gate.kind!r} keeps per-sequence "
+                f"state outside the kernel (e.g. CAST), which steerwise.vllm does not run; "
+                f"use a none/dsas/dsas-adaptive/e2e gate")
