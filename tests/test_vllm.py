@@ -219,6 +219,77 @@ def _prefix_cache_case(llm, tb) -> None:
     assert cut(other.outputs[0].token_ids, eos) == hf_greedy(model, ids, recipe, 2.0, eos)
 
 
+@needs_shared
+@pytest.mark.slow
+def test_server_takes_the_steering_field(testbed, tmp_path):
+    """``python -m steerwise.vllm.serve``: vLLM's OpenAI server with the worker, the validator and
+    the middleware; ``"steering": {recipe, strength}`` steers exactly as HF; unknown → 400."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    tb = testbed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "steerwise.vllm.serve",
+           "--recipe", f"detox={tb['paths']['detox']}", "--", "--model", str(TESTBED),
+           "--dtype", "float32", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", "256", "--block-size", "32",
+           "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tb["cache"])}
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: dict) -> dict:
+        req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(2)
+        eos, model = tb["eos"], tb["model"]
+        base = {"model": str(TESTBED), "max_tokens": N_NEW, "temperature": 0.0,
+                "return_token_ids": True}
+        for ids in tb["ids"][:2]:
+            steered = post({**base, "prompt": ids, "steering": {"recipe": "detox", "strength": 4}})
+            plain = post({**base, "prompt": ids})
+            xargs = post({**base, "prompt": ids,
+                          "vllm_xargs": {"steering_recipe": "detox", "steering_strength": 4}})
+            want = hf_greedy(model, ids, tb["recipes"]["detox"], 4.0, eos)
+            assert cut(steered["choices"][0]["token_ids"], eos) == want
+            assert cut(xargs["choices"][0]["token_ids"], eos) == want
+            assert cut(plain["choices"][0]["token_ids"], eos) == hf_greedy(model, ids, None, 0, eos)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post({**base, "prompt": tb["ids"][0], "steering": {"recipe": "nope", "strength": 1}})
+        assert err.value.code == 400
+        assert "unknown steering recipe 'nope'" in err.value.read().decode()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # ---- a second family: a tiny random Llama ------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

@@ -112,6 +112,7 @@ class RoutingState(nn.Module):
         self._cpu_strength = torch.zeros(max_tokens)
         self._cpu_index = torch.zeros(max_tokens, dtype=torch.long)
         self.dirty = True  # buffers may hold nonzero strengths
+        self.active: frozenset[int] = frozenset()  # recipes with a nonzero strength this step
 
 
 @dataclass
@@ -119,6 +120,7 @@ class _SiteHook:
     kind: str
     layer: int
     stack: SiteStack
+    recipes: frozenset[int]  # the recipes that steer this site
 
 
 class VllmSteering:
@@ -166,7 +168,8 @@ class VllmSteering:
                     stack = build_stack(
                         [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
                          for e in entries], hidden_size).to(device)
-                site = _SiteHook(kind, layer, stack)
+                site = _SiteHook(kind, layer, stack,
+                                 frozenset(r for r, e in enumerate(entries) if e is not None))
                 self.sites.append(site)
                 self.hooks.append(module.register_forward_hook(self._make_hook(site)))
         except BaseException:
@@ -188,8 +191,8 @@ class VllmSteering:
         if num_tokens > self.max_tokens:
             raise ValueError(f"steerwise.vllm: {num_tokens} tokens in one step, buffers hold "
                              f"{self.max_tokens}")
-        steered = any(s != 0.0 for _, s in routes)
-        if not steered:
+        st.active = frozenset(r for r, s in routes if s != 0.0)
+        if not st.active:
             if st.dirty:
                 st.strength.zero_()
                 st.dirty = False
@@ -207,13 +210,19 @@ class VllmSteering:
         st.dirty = True
 
     # ---- hooks (traced by torch.compile: no branch on tensor values) ----------------------------
+    # Run eagerly, a hook returns at once when no token of the step uses a recipe that steers its
+    # site (a Python check on Python state). Under torch.compile that check is not traced: the
+    # graph always computes, and tokens with strength 0 come out unchanged.
     def _make_hook(self, site: _SiteHook):
         state = self.state
         stack = site.stack
+        mine = site.recipes
         what = f"steerwise.vllm site {site.kind}.{site.layer}"
 
         if site.kind == "residual":
             def residual_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+                if not torch.compiler.is_compiling() and not (mine & state.active):
+                    return output
                 if not (isinstance(output, tuple) and len(output) == 2):
                     raise TypeError(f"{what}: expected the decoder layer to return (hidden, "
                                     f"residual), got {type(output).__name__}")
@@ -228,6 +237,8 @@ class VllmSteering:
             return residual_hook
 
         def block_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not torch.compiler.is_compiling() and not (mine & state.active):
+                return output
             if not isinstance(output, Tensor):
                 raise TypeError(f"{what}: expected a tensor output, got {type(output).__name__}")
             n = output.shape[0]
