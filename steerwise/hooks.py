@@ -266,8 +266,9 @@ class SteeringHandle(HookHandle):
         *,
         trace: bool = False,
     ) -> None:
+        value = check_strength(strength)  # before any hook goes in
         self._setup(model, {"": list(entries)}, trace)
-        self.strength = strength
+        self.strength = value
 
     @classmethod
     def many(
