@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_model, random_recipe
+
 from steerwise.activations import pad_batch
-from steerwise.sites import SiteError, Site
+from steerwise.sites import Site, SiteError
 
 IDS = [[5, 9, 12, 7, 20], [30, 8, 11]]
 
@@ -39,10 +39,9 @@ def test_hooks_removed_when_body_raises(family):
     model = make_model(family)
     ids = torch.tensor([IDS[0]])
     base = logits(model, ids)
-    with pytest.raises(RuntimeError, match="boom"):
-        with random_recipe(model).apply(model, 3.0):
-            logits(model, ids)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), random_recipe(model).apply(model, 3.0):
+        logits(model, ids)
+        raise RuntimeError("boom")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert torch.equal(logits(model, ids), base)
 

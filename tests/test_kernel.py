@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import make_model
+
 from steerwise.gates import DSASGate, NoGate
 from steerwise.gates.cast import CASTGate
 from steerwise.gates.e2e import E2EGate
@@ -26,7 +26,7 @@ GATES = ("none", "dsas", "dsas-constant", "e2e-sigmoid", "e2e-relu")
 
 
 def make_map(kind: str, g: torch.Generator):
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     if kind == "caa":
         return CAAMap(r(D))
     if kind == "iti":
@@ -131,7 +131,7 @@ def test_external_gates_need_their_values():
     assert stack.needs_external
     with pytest.raises(ValueError, match="external gate"):
         steer(torch.zeros(3, D), stack, 1.0)
-    out, gv = steer(torch.zeros(3, D), stack, 2.0, external=torch.tensor([1.0, 0.0, 1.0]))
+    out, _ = steer(torch.zeros(3, D), stack, 2.0, external=torch.tensor([1.0, 0.0, 1.0]))
     assert torch.equal(out[1], torch.zeros(D)) and torch.equal(out[0], torch.full((D,), 2.0))
 
 
