@@ -361,9 +361,6 @@ class SteeringHandle(HookHandle):
     # ---- life cycle -------------------------------------------------------------------------
     def _install(self) -> None:
         try:
-            self._handles.append(
-                self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
-            )
             fallback = next(self.model.parameters()).device
             for entries in self._recipes:  # gates that share state (CAST) find their partners
                 for entry in entries:
@@ -384,6 +381,12 @@ class SteeringHandle(HookHandle):
                 else:
                     h = module.register_forward_hook(self._make_output_hook(slot))
                 self._handles.append(h)
+            # the per-call context (mask, sequence start, gate state) only matters to gates that
+            # run outside the kernel and to traces: without them, no pre-hook at all
+            if self.trace_enabled or any(slot.external for slot in self._slots):
+                self._handles.append(
+                    self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
+                )
         except BaseException:
             self.remove()
             raise
@@ -416,7 +419,7 @@ class SteeringHandle(HookHandle):
 
     def _steer(self, slot: _Slot, x: Tensor) -> Tensor | None:
         """The steered activation, or None to leave it untouched."""
-        if not self.in_context() or not (self._steering or self.trace_enabled):
+        if self._id not in _ACTIVE.get():
             return None
         channel_dim = slot.site.channel_dim
         moved = channel_dim not in (-1, x.ndim - 1)
@@ -433,8 +436,8 @@ class SteeringHandle(HookHandle):
         external = None
         if slot.external:
             external = self._external(slot, t, index)
-        out, gate = steer(t, stack, strength, index, external)
-        if self.trace_enabled:
+        out, gate = steer(t, stack, strength, index, external, with_gate=self.trace_enabled)
+        if gate is not None:
             self._trace.setdefault(slot.site.name, []).append(
                 gate.detach().float().expand(t.shape[:-1]).cpu()
             )
