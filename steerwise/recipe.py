@@ -10,6 +10,10 @@ Layout (nothing is pickled; loading never executes code)::
 
 ``Recipe.apply(model, strength)`` checks the model matches and returns a ``SteeringHandle``
 (a context manager).
+
+Saving is all or nothing (``write_recipe_dir``); loading checks every field, width and tensor
+shape (against the safetensors header) before it allocates anything, and reports any problem as
+one ``RecipeError`` naming the file and the field (docs/engine.md, "Recipe format").
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ def _fits(value: Any, kinds: str | tuple[str, ...]) -> bool:
 
 
 def _describe(value: Any) -> str:
-    text = json.dumps(value) if json_kind(value) in _KINDS.values() else repr(value)
+    text = json.dumps(value, default=repr)
     text = text if len(text) <= 40 else text[:37] + "..."
     return f"{text} (a JSON {json_kind(value)})"
 
@@ -360,9 +364,10 @@ def read_recipe_tensors(
     check_file(file, what)
     try:
         with safe_open(str(file), framework="pt") as f:
-            names = f.keys()
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                      for k in names}
+            header = {}
+            for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                part = f.get_slice(key)
+                header[key] = (tuple(part.get_shape()), part.get_dtype())
             missing = [k for k in expected if k not in header]
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -397,27 +402,33 @@ def state_shapes(module: nn.Module, prefix: str, owner: str) -> dict[str, tuple[
     return {prefix + k: (tuple(v.shape), owner) for k, v in module.state_dict().items()}
 
 
-def _check_replaceable(target: Path) -> None:
-    """Saving may replace a missing path, an empty directory or a recipe directory, nothing else."""
+def _existing_target(target: Path) -> str:
+    """What ``target`` is now: "missing", "empty" (directory) or "recipe" (directory holding only
+    recipe files); anything else may belong to the user and is refused."""
     if not os.path.lexists(target):
-        return
+        return "missing"
     if not target.is_dir():
         raise RecipeError(f"{target} exists and is not a directory; refusing to replace it")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, TENSORS_NAME))
+    names = [p.name for p in target.iterdir()]
+    foreign = sorted(n for n in names if n not in (CONFIG_NAME, TENSORS_NAME))
     if foreign:
-        names = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise RecipeError(
-            f"{target} is a directory that holds other files than a recipe ({names}); refusing to "
-            f"replace it: save to a new or empty directory, or over an existing recipe"
+            f"{target} is a directory that holds other files than a recipe ({shown}); refusing "
+            f"to replace it: save to a new or empty directory, or over an existing recipe"
         )
+    return "recipe" if names else "empty"
 
 
-def write_recipe_dir(target: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+def write_recipe_dir(
+    target: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+) -> Path:
     """Write ``steerwise.json`` + ``steering.safetensors``, all or nothing.
 
-    The complete new directory is written beside ``target`` (in a hidden staging directory), then
-    swapped in: old ``target`` → staging, new → ``target``; if the second rename fails the old
-    recipe is put back. A symlinked ``target`` is followed (the link is kept)."""
+    Both files are written to a hidden staging directory beside ``target``. A new ``target``
+    is that directory renamed; an empty one receives the two files (tensors first, the JSON that
+    makes it a recipe last); an existing recipe is swapped as a whole (old → staging, new →
+    ``target``, old put back if that fails). Symlinks in ``target`` are followed."""
     bad = non_finite_value(config)
     if bad:
         raise RecipeError(f"cannot save {target}: {bad[0]} is {bad[1]}; recipe values must be finite")
@@ -426,36 +437,44 @@ def write_recipe_dir(target: Path, tensors: dict[str, torch.Tensor], config: dic
         if problem:
             raise RecipeError(f"cannot save {target}: {problem}")
     text = json.dumps(config, indent=2, allow_nan=False)
-    target = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.steerwise-", dir=target.parent))
+    real = Path(os.path.realpath(target))
+    state = _existing_target(real)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.steerwise-", dir=real.parent))
     new, old = stage / "new", stage / "old"
     keep_stage = False
     try:
         new.mkdir()
         save_file(tensors, str(new / TENSORS_NAME), metadata={"format": str(config["format"])})
         (new / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-        if not os.path.lexists(target):
-            os.rename(new, target)
-        else:
-            os.rename(target, old)
+        if state == "missing":
+            os.rename(new, real)
+        elif state == "empty":  # keep the user's directory (its permissions, a cwd in it)
             try:
-                os.rename(new, target)
+                for name in (TENSORS_NAME, CONFIG_NAME):
+                    os.rename(new / name, real / name)
+            except BaseException:
+                for name in (TENSORS_NAME, CONFIG_NAME):
+                    (real / name).unlink(missing_ok=True)
+                raise
+        else:
+            os.rename(real, old)
+            try:
+                os.rename(new, real)
             except BaseException as exc:
                 try:
-                    os.rename(old, target)
+                    os.rename(old, real)
                 except OSError as again:
                     keep_stage = True
                     raise RecipeError(
-                        f"saving {target} failed ({exc}) and the previous recipe could not be "
-                        f"put back ({again}): it is in {old}"
+                        f"saving {real} failed ({exc}) and the previous recipe could not be put "
+                        f"back ({again}): it is in {old}"
                     ) from exc
                 raise
     finally:
         if not keep_stage:
             shutil.rmtree(stage, ignore_errors=True)
-    return target
+    return Path(target)
 
 
 @dataclass

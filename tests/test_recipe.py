@@ -219,3 +219,18 @@ def test_scaling_recipes_are_saved_all_or_nothing_too(tmp_path, monkeypatch):
     assert _files(tmp_path / "r") == before
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
     assert ScaleRecipe.from_pretrained(tmp_path / "r").intervention.weight.abs().sum() == 0
+
+
+def test_saving_into_an_empty_directory_keeps_it_and_fails_cleanly(tmp_path, monkeypatch):
+    recipe = random_recipe(make_model("qwen2"))
+    out = tmp_path / "out"
+    out.mkdir(mode=0o750)
+    inode = out.stat().st_ino
+    _fail_on_calls(monkeypatch, {2})  # the tensors are moved in, the JSON is not
+    with pytest.raises(OSError, match="rename number 2"):
+        recipe.save_pretrained(out)
+    monkeypatch.undo()
+    assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    recipe.save_pretrained(out)
+    assert out.stat().st_ino == inode and out.stat().st_mode & 0o777 == 0o750
+    assert Recipe.from_pretrained(out).entries[0].map.vector.equal(recipe.entries[0].map.vector)
