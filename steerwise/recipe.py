@@ -377,7 +377,8 @@ def read_recipe_tensors(
             if extra:
                 names = ", ".join(repr(k) for k in extra[:4])
                 more = f" and {len(extra) - 4} more" if len(extra) > 4 else ""
-                raise RecipeError(f"{file}: unexpected tensors {names}{more}: no part of "
+                noun = "tensor" if len(extra) == 1 else "tensors"
+                raise RecipeError(f"{file}: unexpected {noun} {names}{more}: no part of "
                                   f"{CONFIG_NAME} uses them")
             for name, (shape, owner) in expected.items():
                 got, dtype = header[name]

@@ -178,7 +178,7 @@ TENSOR_CASES = {
                        (r"missing tensor 'entries\.2\.gate\.weight', needed by entries\[2\]\.gate "
                        r"\('dsas', dim 32\)")),
     "extra tensor": (_put("entries.7.map.vector", torch.zeros(32)),
-                     (r"unexpected tensors 'entries\.7\.map\.vector': no part of steerwise\.json "
+                     (r"unexpected tensor 'entries\.7\.map\.vector': no part of steerwise\.json "
                      r"uses them")),
     "integer tensor": (_put("entries.0.map.vector", torch.zeros(32, dtype=torch.int64)),
                        r"tensor 'entries\.0\.map\.vector' has dtype I64"),
@@ -296,7 +296,7 @@ SCALE_CASES = {
     "NaN in info": (lambda p: edit_json(p, set_in(["info", "loss"], float("nan"))),
                     r"info\.loss: nan is not a finite number"),
     "extra tensor": (lambda p: edit_tensors(p, _put("offset", torch.zeros(3))),
-                     r"unexpected tensors 'offset'"),
+                     r"unexpected tensor 'offset'"),
     "missing tensor": (lambda p: edit_tensors(p, lambda t: t.pop("vectors")),
                        r"missing tensor 'vectors', needed by the steervec intervention"),
     "NaN tensor": (lambda p: edit_tensors(p, lambda t: t["vectors"].view(-1).__setitem__(
