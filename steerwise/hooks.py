@@ -18,7 +18,9 @@ are all 0 costs one Python check per hooked call.
 handle acts only inside the context (``contextvars``) that created it: the thread that applied
 a recipe sees its steering; another thread's forward pass on the same model is unsteered, and
 two threads with two recipes each get their own. Asyncio tasks inherit their creator's context.
-To use a handle from another thread, enter ``handle.activate()`` there.
+To use a handle from another thread, enter ``handle.activate()`` there. Inside a
+``torch.compile``d model the check is skipped (a compiled graph cannot read contextvars, and its
+guards fix the steering it was traced with): give each thread its own compiled model.
 """
 
 from __future__ import annotations
@@ -419,8 +421,8 @@ class SteeringHandle(HookHandle):
 
     def _steer(self, slot: _Slot, x: Tensor) -> Tensor | None:
         """The steered activation, or None to leave it untouched."""
-        if self._id not in _ACTIVE.get():
-            return None
+        if not torch.compiler.is_compiling() and self._id not in _ACTIVE.get():
+            return None  # (a compiled graph cannot read contextvars: see the module docstring)
         channel_dim = slot.site.channel_dim
         moved = channel_dim not in (-1, x.ndim - 1)
         if moved:
