@@ -154,10 +154,14 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = []
+        for part in first.get("loc", ())[1:]:  # after "body"; stop at a union member's tag
+            if str(part) in ("str", "int", "float", "bool") or "[" in str(part):
+                break
+            loc.append(str(part))
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            message, param = "the request body is not valid JSON", None
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
         return JSONResponse(error_body(message, param=param), status_code=400)
@@ -354,24 +358,26 @@ def _choice(chat: bool, text: str, finish: str | None, delta: bool, first: bool 
 
 
 async def _collect(request: Request, job: Job, queue: asyncio.Queue, meta, steering, chat):
+    async def watch() -> None:  # a client that gives up frees its batch slot
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.2)
+        job.cancel()
+        queue.put_nowait(Event("error", error="client disconnected", status=499))
+
+    watcher = asyncio.create_task(watch())
     parts: list[str] = []
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return JSONResponse(error_body("client disconnected"), status_code=499)
-                continue
+            event = await queue.get()
             if event.kind == "delta":
                 parts.append(event.text)
             elif event.kind == "error":
                 return JSONResponse(error_body(event.error or "generation failed",
-                                               type="server_error"), status_code=503)
+                                               type="server_error"), status_code=event.status)
             else:
                 break
     finally:
+        watcher.cancel()
         if not job.done:
             job.cancel()
     out = {**meta, "object": "chat.completion" if chat else "text_completion",

@@ -60,6 +60,7 @@ class Event:
     usage: dict[str, int] | None = None
     explain: dict[str, Any] | None = None
     error: str | None = None
+    status: int = 500  # of an error, as an HTTP status
 
 
 @dataclass
@@ -132,6 +133,8 @@ class Engine:
         self.recipes = dict(recipes or {})
         for name, recipe in self.recipes.items():
             refuse_unbatchable(name, recipe)
+            for entry in recipe.entries:  # serving never trains: frozen stacks, built once
+                entry.requires_grad_(False)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context = max_model_length(model, tokenizer)
@@ -224,7 +227,7 @@ class Engine:
                 stranded = [*self._rows, *self._waiting]
                 self._rows, self._waiting = [], deque()
             for job in stranded:
-                job.emit(Event("error", error="the server is shutting down"))
+                job.emit(Event("error", error="the server is shutting down", status=503))
             if self.handle is not None:
                 self.handle.remove()
 
