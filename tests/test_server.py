@@ -21,18 +21,18 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import make_model, make_tokenizer, random_recipe  # noqa: E402
+from conftest import make_model, make_tokenizer, random_recipe
 
-from steerwise.generate import generate  # noqa: E402
-from steerwise.hooks import SiteSteering  # noqa: E402
-from steerwise.maps.lineas import LinEASMap  # noqa: E402
-from steerwise.models import load_model  # noqa: E402
-from steerwise.recipe import ModelIdentity, Recipe  # noqa: E402
-from steerwise.server.app import ServerThread, create_app, exposure_warning  # noqa: E402
-from steerwise.server.cli import demo_recipe  # noqa: E402
-from steerwise.server.engine import Engine, wait_idle  # noqa: E402
-from steerwise.server.schemas import ServerConfig  # noqa: E402
-from steerwise.sites import resolve_sites, site_width  # noqa: E402
+from steerwise.generate import generate
+from steerwise.hooks import SiteSteering
+from steerwise.maps.lineas import LinEASMap
+from steerwise.models import load_model
+from steerwise.recipe import ModelIdentity, Recipe
+from steerwise.server.app import ServerThread, create_app, exposure_warning
+from steerwise.server.cli import demo_recipe
+from steerwise.server.engine import Engine, wait_idle
+from steerwise.server.schemas import ServerConfig
+from steerwise.sites import resolve_sites, site_width
 
 MODEL = "concept-lm"
 PROMPTS = ["the farmer picked a ripe", "we took the broken", "the boy tamed the",
@@ -441,11 +441,11 @@ def chat_server():
 
 
 def test_chat_uses_the_template(chat_server):
-    url, engine, tok = chat_server
+    url, _engine, tok = chat_server
     c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     messages = [{"role": "user", "content": "the apple is"}]
-    kw = dict(model="tiny", max_tokens=6, temperature=0,
-              extra_body={"steering": {"recipe": "r", "strength": 2.0}})
+    kw = {"model": "tiny", "max_tokens": 6, "temperature": 0,
+              "extra_body": {"steering": {"recipe": "r", "strength": 2.0}}}
     chat = c.chat.completions.create(messages=messages, **kw)
     assert chat.choices[0].message.role == "assistant"
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -466,7 +466,7 @@ def test_batches_without_joining_equal_alone(chat_server):
     c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     jobs = [(p, rec, s) for p, rec, s in zip(["the apple", "a dog runs", "rain and snow", "the car"],
                                              ["r", None, "r", "r"], [1.0, 0.0, -2.0, 3.0])]
-    kw = dict(model="tiny", max_tokens=6, temperature=0)
+    kw = {"model": "tiny", "max_tokens": 6, "temperature": 0}
 
     def run(job):
         p, rec, s = job
