@@ -76,6 +76,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          ) from None
     from .app import warn_if_exposed
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     app, engine, config = build_server(args)
     warn_if_exposed(args.host, config.api_key)
     print(f"steerwise serve: {config.model_name} with recipes "
@@ -116,5 +120,7 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     p.add_argument("--no-joining", action="store_true",
                    help="batch without joining running batches (requests wait for the next one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_serve)

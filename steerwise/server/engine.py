@@ -167,7 +167,11 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait."""
         if job.recipe is not None and job.recipe not in self.recipes:
-            raise KeyError(job.recipe)
+            raise KeyError(f"unknown recipe {job.recipe!r}; loaded: {', '.join(self.recipes)}")
+        if job.explain and job.recipe is None:
+            raise ValueError("explain needs a recipe (an unsteered row has no gates)")
+        if job.max_tokens < 1 or not job.prompt_ids:
+            raise ValueError("a job needs a prompt and max_tokens >= 1")
         if job.temperature > 0 and job.generator is None:
             job.generator = torch.Generator().manual_seed(
                 job.seed if job.seed is not None else secrets.randbits(63))
