@@ -176,7 +176,7 @@ class Engine:
             job.generator = torch.Generator().manual_seed(
                 job.seed if job.seed is not None else secrets.randbits(63))
         with self._cond:
-            if self._stop.is_set():
+            if self._stop.is_set() or not self._thread.is_alive():
                 raise EngineClosedError("the engine has stopped")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
@@ -227,6 +227,7 @@ class Engine:
                         self.stats["failed"] += 1
                         job.emit(Event("error", error=f"generation failed: {exc}"))
         finally:
+            self._stop.set()  # whatever ended the loop, nothing more is accepted
             with self._cond:
                 stranded = [*self._rows, *self._waiting]
                 self._rows, self._waiting = [], deque()
