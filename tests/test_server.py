@@ -485,3 +485,19 @@ def test_batches_without_joining_equal_alone(chat_server):
     alone = [run(j) for j in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
         assert list(pool.map(run, jobs)) == alone
+
+
+def test_serve_command_loads_recipe_dirs_and_names_bad_ones(served, tmp_path):
+    from steerwise.cli import build_parser, main
+    from steerwise.server.cli import build_server
+
+    served["recipes"]["affine"].save_pretrained(tmp_path / "aff")
+    args = build_parser().parse_args(["serve", "--recipe", f"a={tmp_path / 'aff'}", "--device",
+                                      "cpu", "--default-recipe", "a", "--served-name", "m"])
+    _, engine, config = build_server(args)
+    try:
+        assert list(engine.recipes) == ["a"] and config.default_recipe == "a"
+        assert config.model_name == "m" and config.api_key is None
+    finally:
+        engine.close()
+    assert main(["serve", "--device", "cpu", "--recipe", f"x={tmp_path / 'missing'}"]) == 2

@@ -212,7 +212,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 prompt = prompt[0]
             elif prompt and all(isinstance(x, int) for x in prompt):
                 ids = [int(x) for x in prompt]
-                vocab = len(engine.tokenizer)
+                vocab = engine.vocab_size
                 if any(not 0 <= x < vocab for x in ids):
                     raise APIError(400, f"prompt token ids must be in [0, {vocab})",
                                    param="prompt")

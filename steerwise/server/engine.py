@@ -142,6 +142,7 @@ class Engine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else (min(self.eos) if self.eos else 0)
         self.device = next(model.parameters()).device
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
