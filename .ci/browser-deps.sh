@@ -18,6 +18,9 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
-$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null
-command -v chromium >/dev/null
+if ! { $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null &&
+       $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+         chromium >/dev/null 2>&1; } || ! command -v chromium >/dev/null 2>&1; then
+  echo "browser-deps: could not install Debian's chromium; the browser test will skip" >&2
+fi
+exit 0

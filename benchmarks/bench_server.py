@@ -1,6 +1,6 @@
 """Throughput of `steerwise serve`: N concurrent clients batched vs one at a time, steered vs not.
 
-    python benchmarks/bench_server.py [--clients 8] [--requests 4] [--tokens 32] [--repeats 3]
+    python benchmarks/bench_server.py [--clients 8] [--requests 8] [--tokens 48] [--repeats 7]
 
 Starts two servers as subprocesses on 127.0.0.1 (`steerwise serve --demo`: concept-lm with the
 demo's CAA + DSAS 'pear' recipe on all 4 layers): one batching up to ``--clients`` rows with
@@ -9,7 +9,8 @@ run in this process (asyncio + httpx): ``--clients`` of them, each sending ``--r
 greedy completions of ``--tokens`` tokens back to back, all unsteered, all steered (pear at 5),
 or mixed (half unsteered, half steered at strengths 2–8). Configurations rotate within each
 repeat; the table shows medians of generated tokens per second, of per-request latency, and
-the ratios. Writes benchmarks/results/server.json.
+the throughput ratios paired within each repeat (median, min–max). Writes
+benchmarks/results/server.json.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from steerwise.tasks import concepts
 
-console = Console()
+console = Console(width=120)
 MODES = ("unsteered", "steered", "mixed")
 
 
@@ -91,19 +92,23 @@ async def run_load(url: str, mode: str, prompts: list[str], clients: int, reques
             generated += r.json()["usage"]["completion_tokens"]
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as h:
+        before = (await h.get(url + "/health")).json()
         t0 = time.perf_counter()
         await asyncio.gather(*[client(c, h) for c in range(clients)])
         wall = time.perf_counter() - t0
+        after = (await h.get(url + "/health")).json()
+    calls = {k: after[k] - before[k] for k in ("prefills", "steps")}
     return {"wall_s": wall, "tokens": generated, "tokens_per_s": generated / wall,
-            "median_latency_s": statistics.median(latencies), "requests": len(latencies)}
+            "median_latency_s": statistics.median(latencies), "requests": len(latencies),
+            **calls, "tokens_per_forward": generated / max(1, sum(calls.values()))}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=4, help="per client, back to back")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=8, help="per client, back to back")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of each server (1: two servers on a shared 2-core box)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
@@ -130,24 +135,32 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(10)
 
-    med = {k: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in v),
-               "median_latency_s": statistics.median(r["median_latency_s"] for r in v)}
+    med = {k: {key: statistics.median(r[key] for r in v)
+               for key in ("tokens_per_s", "median_latency_s", "tokens_per_forward")}
            for k, v in runs.items()}
     table = Table(title=f"steerwise serve, concept-lm: {args.clients} clients × {args.requests} "
                         f"requests × {args.tokens} tokens, median of {args.repeats}")
-    for col in ("server", "requests", "tokens/s", "latency (median)", "vs one at a time",
-                "vs unsteered"):
+    for col in ("server", "requests", "tokens/s", "latency (median)", "tokens per forward",
+                "vs one at a time", "vs unsteered"):
         table.add_column(col, justify="right" if col != "server" else "left")
+    def paired(a: str, b: str) -> dict[str, float]:
+        """Throughput ratio a/b within each repeat (measured minutes apart at most)."""
+        xs = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b])]
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+    def show(r: dict[str, float]) -> str:
+        return f"{r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"
+
     ratios = {}
     for s in servers:
         for m in MODES:
             k = f"{s} / {m}"
-            vs_serial = med[k]["tokens_per_s"] / med[f"one at a time / {m}"]["tokens_per_s"]
-            vs_plain = med[k]["tokens_per_s"] / med[f"{s} / unsteered"]["tokens_per_s"]
-            ratios[k] = {"vs_one_at_a_time": vs_serial, "vs_unsteered": vs_plain}
+            ratios[k] = {"vs_one_at_a_time": paired(k, f"one at a time / {m}"),
+                         "vs_unsteered": paired(k, f"{s} / unsteered")}
             table.add_row(s, m, f"{med[k]['tokens_per_s']:.1f}",
-                          f"{med[k]['median_latency_s'] * 1000:.0f} ms", f"{vs_serial:.2f}×",
-                          f"{vs_plain:.3f}×")
+                          f"{med[k]['median_latency_s'] * 1000:.0f} ms",
+                          f"{med[k]['tokens_per_forward']:.2f}",
+                          show(ratios[k]["vs_one_at_a_time"]), show(ratios[k]["vs_unsteered"]))
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,10 @@ def test_explain_returns_per_token_gates(served, client):
                        explain=True).trace
     torch.testing.assert_close(values, torch.tensor(ref.values[0][: len(values)]).float(),
                                rtol=1e-4, atol=1e-5)
+    stream = list(complete(client, prompt, "pear", 5.0, max_tokens=8, stream=True,
+                           steering={"explain": True}))
+    assert stream[-1].choices[0].finish_reason and stream[-1].model_extra["steering"]["explain"]
+    assert stream[-1].model_extra["steering"]["explain"]["tokens"] == ex["tokens"]
     # an ungated recipe: every token gets its layer scale
     ex = complete(client, prompt, "rand", 1.0, max_tokens=4,
                   steering={"explain": True}).model_extra["steering"]["explain"]

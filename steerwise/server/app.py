@@ -290,6 +290,10 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                            f"{config.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         room = engine.context - len(ids)
+        if room < 1:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) fills the model's context of "
+                           f"{engine.context} tokens", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
         max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = min(config.max_tokens, room) if chat else config.default_max_tokens
