@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -461,8 +460,3 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def warn_if_exposed(host: str, api_key: str | None) -> None:
-    message = exposure_warning(host, api_key)
-    if message:
-        warnings.warn(message, stacklevel=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..models import DEFAULT_MODEL
@@ -74,14 +75,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError("steerwise serve needs the serve extra: pip install 'steerwise[serve]'"
                          ) from None
-    from .app import warn_if_exposed
+    from .app import exposure_warning
 
+    warning = exposure_warning(args.host, args.api_key or os.environ.get("STEERWISE_API_KEY"))
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     app, engine, config = build_server(args)
-    warn_if_exposed(args.host, config.api_key)
     print(f"steerwise serve: {config.model_name} with recipes "
           f"{', '.join(engine.recipes) or '(none)'} on http://{args.host}:{args.port} "
           f"(playground at /)", flush=True)
