@@ -249,6 +249,7 @@ def test_load_every_request_answered_exactly_and_memory_flat(served, client):
         assert wait_idle(served["engine"])
         rss.append(_rss_mib())
     assert time.monotonic() - start < 120
+    print(f"RSS after each round (MiB): {[round(x, 1) for x in rss]}")
     # after the first round (allocator warm), further rounds do not grow the process
     assert rss[-1] - rss[0] < 25, f"RSS grew {rss} MiB"
     assert served["engine"].load() == {"running": 0, "waiting": 0}
@@ -505,3 +506,29 @@ def test_serve_command_loads_recipe_dirs_and_names_bad_ones(served, tmp_path):
     finally:
         engine.close()
     assert main(["serve", "--device", "cpu", "--recipe", f"x={tmp_path / 'missing'}"]) == 2
+
+
+def test_queue_bound_counts_beyond_free_rows():
+    """max_queue=0: a request still gets a free row; a third while two run is refused."""
+    from steerwise.server.engine import Job, QueueFullError
+
+    engine = Engine(make_model("llama"), make_tokenizer(), max_batch=2, max_queue=0)
+    try:
+        done = threading.Semaphore(0)
+        events = []
+
+        def emit(ev):
+            events.append(ev)
+            if ev.kind != "delta":
+                done.release()
+
+        engine.submit(Job([5, 6, 7], 4, emit))
+        assert done.acquire(timeout=30) and events[-1].kind == "done"
+        with engine._cond:  # hold the worker between steps: two wait for the two free rows
+            engine.submit(Job([5, 6], 2, emit))
+            engine.submit(Job([7, 8], 2, emit))
+            with pytest.raises(QueueFullError):
+                engine.submit(Job([9], 2, emit))
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
+    finally:
+        engine.close()

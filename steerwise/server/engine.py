@@ -166,7 +166,8 @@ class Engine:
 
     # ---- the request side (any thread) ---------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait."""
+        """Queue ``job``; raises ``QueueFullError`` when ``max_queue`` jobs already wait for a
+        row (beyond the rows the running batch still has free)."""
         if job.recipe is not None and job.recipe not in self.recipes:
             raise KeyError(f"unknown recipe {job.recipe!r}; loaded: {', '.join(self.recipes)}")
         if job.explain and job.recipe is None:
@@ -179,7 +180,8 @@ class Engine:
         with self._cond:
             if self._stop.is_set() or not self._thread.is_alive():
                 raise EngineClosedError("the engine has stopped")
-            if len(self._waiting) >= self.max_queue:
+            free = self.max_batch - len(self._rows) if self.joining or not self._rows else 0
+            if len(self._waiting) >= self.max_queue + max(0, free):  # beyond the free rows
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(job)
             self._cond.notify()
