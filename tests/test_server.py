@@ -289,6 +289,10 @@ def test_non_finite_strength_and_broken_json(served):
         assert "finite" in assert_openai_error(r, 400)["message"]
     r = httpx.post(url, content=b'{"model": ', headers={"content-type": "application/json"})
     assert "JSON" in assert_openai_error(r, 400)["message"]
+    r = httpx.post(url, content=b'{"model": "concept-lm", "prompt": "a"}')  # no content type
+    assert "Content-Type: application/json" in assert_openai_error(r, 400)["message"]
+    r = httpx.post(url, json=[1, 2])
+    assert "JSON object" in assert_openai_error(r, 400)["message"]
 
 
 def test_prompt_plus_max_tokens_beyond_context(served):

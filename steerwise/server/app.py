@@ -161,6 +161,10 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif "json" not in request.headers.get("content-type", ""):
+            message = "send the body as JSON with the header Content-Type: application/json"
+        elif param is None:
+            message = "the request body must be a JSON object"
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
         return JSONResponse(error_body(message, param=param), status_code=400)
