@@ -290,7 +290,7 @@ class Engine:
             return
         self.handle.trace_enabled = any(j.explain for j in jobs)
         if self.handle.trace_enabled:  # one forward call's values at a time (see _take_trace)
-            self.handle._trace, self.handle._masks = {}, []
+            self.handle.clear_trace()
         self.handle.route([j.recipe for j in jobs],
                           [j.strength if j.recipe is not None else 0.0 for j in jobs])
 
