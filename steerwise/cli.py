@@ -19,7 +19,7 @@ from rich.table import Table
 from .models import DEFAULT_MODEL
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
-                                    "steerwise.scaling.cli")
+                                    "steerwise.scaling.cli", "steerwise.server.cli")
 
 console = Console()
 
