@@ -379,5 +379,8 @@ def test_server_field_becomes_vllm_xargs_and_salt():
     assert "cache_salt" not in plain and "vllm_xargs" not in plain
     with pytest.raises(ValueError, match="steering"):
         rewrite_request({"prompt": "x", "steering": {"recipe": "a", "alpha": 1}})
+    assert "vllm_xargs" not in rewrite_request({"steering": {"recipe": "none", "strength": 3}})
+    with pytest.raises(ValueError, match="explain"):
+        rewrite_request({"steering": {"recipe": "a", "explain": True}})
     with pytest.raises(ValueError, match="disagree"):
         rewrite_request({"steering": {"recipe": "a"}, "vllm_xargs": {"steering_recipe": "b"}})

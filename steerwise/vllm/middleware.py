@@ -5,7 +5,8 @@
 On ``POST .../completions`` and ``.../chat/completions`` it
 
 - accepts steerwise's request field ``"steering": {"recipe": NAME, "strength": X}`` (the names
-  ``steerwise serve`` documents) and moves it into ``vllm_xargs`` as ``steering_recipe`` /
+  ``steerwise serve`` documents; ``recipe`` ``null`` or ``"none"`` = unsteered; ``explain`` is
+  refused, gate traces are HF-only) and moves it into ``vllm_xargs`` as ``steering_recipe`` /
   ``steering_strength`` (requests may also set those ``vllm_xargs`` directly);
 - adds the ``cache_salt`` of the steering (``steerwise.vllm.cache_salt``), keeping a client's own
   salt in front, so prefix caching never reuses KV blocks computed under another steering.
@@ -34,8 +35,13 @@ def rewrite_request(data: Any) -> Any:
         return data  # vLLM's own validation reports it
     xargs = dict(xargs or {})
     if steering is not None:
-        if not isinstance(steering, dict) or not set(steering) <= {"recipe", "strength"}:
+        if not isinstance(steering, dict) or not set(steering) <= {"recipe", "strength", "explain"}:
             raise ValueError('"steering" must be an object {"recipe": name, "strength": number}')
+        if steering.get("explain"):
+            raise ValueError('"steering.explain" (per-token gate values) is not available on '
+                             "vLLM; steerwise serve (HF backend) has it")
+        if steering.get("recipe") == "none":  # steerwise serve's spelling of "unsteered"
+            steering = {"recipe": None}
         for key, xkey in (("recipe", XARG_RECIPE), ("strength", XARG_STRENGTH)):
             if steering.get(key) is None:
                 continue
