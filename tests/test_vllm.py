@@ -384,3 +384,46 @@ def test_server_field_becomes_vllm_xargs_and_salt():
         rewrite_request({"steering": {"recipe": "a", "explain": True}})
     with pytest.raises(ValueError, match="disagree"):
         rewrite_request({"steering": {"recipe": "a"}, "vllm_xargs": {"steering_recipe": "b"}})
+
+
+def test_residual_site_reads_the_sum_and_steers_hidden_per_token():
+    """The routing and the residual-site arithmetic on a vLLM-shaped toy model (no engine)."""
+    from conftest import make_model, random_recipe
+    from torch import nn
+
+    from steerwise.kernel import steer
+    from steerwise.vllm.runtime import VllmSteering
+
+    class Layer(nn.Module):  # vLLM's decoder-layer contract: (hidden, residual) in and out
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.self_attn, self.mlp = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, h, r):
+            return self.mlp(self.self_attn(h)), h + r
+
+    hf = make_model("llama")
+    recipe = random_recipe(hf, "residual", gated=True, seed=3)
+    toy = nn.Module()
+    toy.model = nn.Module()
+    toy.model.layers = nn.ModuleList([Layer(32) for _ in range(3)])
+    steering = VllmSteering(toy, {"a": recipe}, model_type="llama", hidden_size=32, num_layers=3,
+                            max_tokens=16, device="cpu")
+    h, r = torch.randn(5, 32), torch.randn(5, 32)
+    with torch.no_grad():
+        plain_h, plain_r = Layer.forward(toy.model.layers[0], h, r)
+        steering.fill([(0, 2.0), (0, 0.0)], [3, 2], 6)  # 3 steered tokens, 2 not, 1 padding
+        got_h, got_r = toy.model.layers[0](h, r)
+        want, _ = steer(plain_h + plain_r, steering.sites[0].stack, 2.0)
+    assert torch.equal(got_r, plain_r) and torch.equal(got_h[3:], plain_h[3:])
+    assert torch.allclose((got_h + got_r)[:3], want[:3], atol=1e-5)
+    assert not torch.equal(got_h[:3], plain_h[:3])
+    steering.fill([(0, 0.0)], [5], 5)  # nobody steered: untouched
+    with torch.no_grad():
+        assert torch.equal(toy.model.layers[0](h, r)[0], plain_h)
+    steering.remove()
+    mlp = random_recipe(hf, "mlp", gated=False)
+    mlp.model.model_type = "gemma2"
+    with pytest.raises(ValueError, match="post-norm"):
+        VllmSteering(toy, {"m": mlp}, model_type="gemma2", hidden_size=32, num_layers=3,
+                     max_tokens=16, device="cpu")

@@ -18,6 +18,7 @@ Sites, per decoder layer ``l`` (vLLM flattens tokens: activations are ``(num_tok
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 
 from ..kernel import SiteStack, build_stack, steer, steer_terms
 from ..recipe import Recipe
+from ..sites import FAMILY_OVERRIDES
+
+log = logging.getLogger(__name__)
 
 # request fields (SamplingParams.extra_args; over HTTP: vllm_xargs)
 XARG_RECIPE = "steering_recipe"
@@ -144,6 +148,10 @@ class VllmSteering:
         self.max_tokens = int(max_tokens)
         for name, recipe in recipes.items():
             _check_recipe(name, recipe, model_type, hidden_size, num_layers)
+        if model_type not in TESTED_MODEL_TYPES:
+            log.warning("steerwise.vllm: model type %r is untested (tested: %s); its decoder "
+                        "layers must return (hidden, residual) like Qwen2/Llama", model_type,
+                        ", ".join(TESTED_MODEL_TYPES))
         self.state = RoutingState(self.max_tokens, device)
         prefix, layers = find_decoder_layers(model, num_layers)
         by_site: dict[tuple[str, int], list[Any]] = {}
@@ -263,7 +271,12 @@ def _check_recipe(name: str, recipe: Recipe, model_type: str, hidden_size: int,
                          + ", ".join(problems))
     recipe.check_applicable()
     for e in recipe.entries:
-        parse_site(e.site.name)
+        kind, _ = parse_site(e.site.name)
+        if kind != "residual" and model_type in FAMILY_OVERRIDES:
+            raise ValueError(
+                f"recipe {name!r}, site {e.site.name!r}: in {model_type} the {kind} contribution "
+                f"is a post-norm, not the block's output; steerwise.vllm steers {kind} sites "
+                f"only on families like {', '.join(TESTED_MODEL_TYPES)}")
         if e.dim != hidden_size:
             raise ValueError(f"recipe {name!r}, site {e.site.name!r}: width {e.dim}, the model's "
                              f"hidden size is {hidden_size}")
