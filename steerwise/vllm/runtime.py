@@ -113,8 +113,9 @@ class RoutingState(nn.Module):
         self.register_buffer("strength", torch.zeros(max_tokens, device=device), persistent=False)
         self.register_buffer("index", torch.zeros(max_tokens, dtype=torch.long, device=device),
                              persistent=False)
-        self._cpu_strength = torch.zeros(max_tokens)
-        self._cpu_index = torch.zeros(max_tokens, dtype=torch.long)
+        pin = torch.device(device).type == "cuda"  # page-locked: truly asynchronous copies
+        self._cpu_strength = torch.zeros(max_tokens, pin_memory=pin)
+        self._cpu_index = torch.zeros(max_tokens, dtype=torch.long, pin_memory=pin)
         self.dirty = True  # buffers may hold nonzero strengths
         self.active: frozenset[int] = frozenset()  # recipes with a nonzero strength this step
 
