@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from .chat import CHAT_ROLES
 from .models import DEFAULT_MODEL
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
@@ -79,6 +80,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                              group_l1=args.group_l1, gamma=args.gamma, e2e_gate=args.e2e_gate,
                              e2e_init=args.e2e_init, seed=args.seed),
         cast=CASTOptions(condition_layer=args.cast_layer, cv_folds=args.cv_folds, seed=args.seed),
+        chat=args.chat,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -116,11 +118,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         gen_kwargs["repetition_penalty"] = args.repetition_penalty
     explain = bool(args.explain or args.html)
     result = generate(model, tok, args.prompts, recipe, args.strength, explain=explain,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, **gen_kwargs)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, chat=args.chat,
+                      **gen_kwargs)
     base = None
     if args.compare and recipe is not None:
         base = generate(model, tok, args.prompts, None, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed, **gen_kwargs)
+                        seed=args.seed, chat=args.chat, **gen_kwargs)
     for i, (prompt, text) in enumerate(zip(result.prompts, result.continuations)):
         if base is not None:
             console.print(f"[dim]unsteered:[/] {prompt}[cyan]{base.continuations[i]}[/]")
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--e2e-init", default="dsas", choices=["dsas", "zero"])
     m.add_argument("--cast-layer", type=int, default=None,
                    help="CAST condition layer (default: best held-out F1)")
+    p.add_argument("--chat", choices=CHAT_ROLES, default=None,
+                   help="render texts with the tokenizer's chat template as user / assistant "
+                        "messages (instruct models)")
     p.add_argument("--out", required=True, help="recipe directory to write")
     p.set_defaults(func=_cmd_fit)
 
@@ -212,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", choices=CHAT_ROLES, default=None,
+                   help="render prompts with the tokenizer's chat template: 'user' (the model "
+                        "answers) or 'assistant' (the model continues its own reply)")
     p.add_argument("prompts", nargs="+")
     p.set_defaults(func=_cmd_generate)
 

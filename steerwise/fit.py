@@ -42,7 +42,9 @@ class FitOptions:
     """How to fit. ``map_options`` are passed to the map's ``fit`` (method-specific), e.g.
     ``top_k_heads`` (ITI per head), ``support`` / ``support_quantiles`` (AcT).
     ``lineas``: end-to-end training (LinEAS maps, E2E gates); ``cast``: the CAST gate;
-    ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site."""
+    ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site; ``chat``: render
+    every text with the tokenizer's chat template as a ``user`` or ``assistant`` message
+    (``steerwise.chat``)."""
 
     method: str = "caa"
     gate: str = "dsas"
@@ -57,6 +59,7 @@ class FitOptions:
     lineas: LinEASOptions = field(default_factory=LinEASOptions)
     cast: CASTOptions = field(default_factory=CASTOptions)
     probe_accuracy: bool = True
+    chat: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -113,6 +116,13 @@ def fit(
         if control is None:
             raise ValueError("give a target set (or a control set, used as target when no target)")
         target = control
+    if opts.chat is not None:  # one rendering per distinct set, so `target is control` holds
+        from .chat import format_chat
+
+        rendered = {id(s): format_chat(tokenizer, s, opts.chat)
+                    for s in (source, target, control) if s is not None}
+        source, target = rendered[id(source)], rendered[id(target)]
+        control = rendered[id(control)] if control is not None else None
     if opts.gate != "none" and control is None:
         raise ValueError(f"gate {opts.gate!r} needs a control set (texts not to steer)")
     dsas_opts = opts.dsas
