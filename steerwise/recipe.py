@@ -118,17 +118,25 @@ def read_recipe_config(path: Path, fmt: str, max_version: int, what: str) -> dic
     return config
 
 
-def write_recipe_dir(target: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write ``steerwise.json`` + ``steering.safetensors`` so the directory appears complete or
-    not at all: both files go to a temporary directory beside ``target`` and are renamed in."""
+def write_recipe_dir(
+    target: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``steerwise.json`` + ``steering.safetensors`` (+ ``extra_files``: name → text, e.g.
+    the model card) so the directory appears complete or not at all: all files go to a temporary
+    directory beside ``target`` and are renamed in."""
     text = json.dumps(config, indent=2, allow_nan=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".steerwise-", dir=target.parent))
     try:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": str(config["format"])})
         (tmp / CONFIG_NAME).write_text(text + "\n")
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content, encoding="utf-8")
         if target.exists():
-            for name in (CONFIG_NAME, TENSORS_NAME):
+            for name in (CONFIG_NAME, TENSORS_NAME, *(extra_files or {})):
                 os.replace(tmp / name, target / name)
             shutil.rmtree(tmp)
         else:
@@ -219,18 +227,35 @@ class Recipe:
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the recipe; the directory appears complete or not at all."""
+        """Write the recipe and its model card (``README.md``); the directory appears complete
+        or not at all."""
+        from .card import model_card
+
         target = Path(directory)
         tensors: dict[str, torch.Tensor] = {}
         for i, e in enumerate(self.entries):
             for part, module in (("map", e.map), ("gate", e.gate)):
                 for key, value in module.state_dict().items():
                     tensors[f"entries.{i}.{part}.{key}"] = value.detach().cpu().contiguous()
-        return write_recipe_dir(target, tensors, self.to_json())
+        card = model_card(self, load_from=str(directory))
+        return write_recipe_dir(target, tensors, self.to_json(), {"README.md": card})
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Publish to the Hugging Face Hub with its model card (see ``steerwise.hub.push_to_hub``:
+        ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> Recipe:
-        path = Path(directory)
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, revision: str | None = None, **hub_kwargs: Any
+    ) -> Recipe:
+        """Load from a directory, or from a Hub repo id (``revision``, ``cache_dir``,
+        ``local_files_only``, ``token``: see ``steerwise.hub.resolve_recipe_dir``)."""
+        from .hub import resolve_recipe_dir
+
+        path = resolve_recipe_dir(directory, revision=revision, **hub_kwargs)
         config = read_recipe_config(path, FORMAT, FORMAT_VERSION, "steerwise recipe")
         tensors = load_file(str(path / TENSORS_NAME))
         ident = ModelIdentity(**config["model"])

@@ -22,7 +22,8 @@ def test_save_load_gives_identical_outputs(tmp_path, site):
     recipe = random_recipe(model, site=site)
     recipe.entries[1].scale = 0.5
     recipe.save_pretrained(tmp_path / "r")
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [TENSORS_NAME, CONFIG_NAME]
+    names = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert names == ["README.md", TENSORS_NAME, CONFIG_NAME]  # README.md: the model card
     loaded = Recipe.from_pretrained(tmp_path / "r")
     assert torch.equal(run(model, recipe), run(model, loaded))
     cfg = json.loads((tmp_path / "r" / CONFIG_NAME).read_text())
