@@ -20,7 +20,7 @@ from .chat import CHAT_ROLES
 from .models import DEFAULT_MODEL
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
-                                    "steerwise.scaling.cli")
+                                    "steerwise.scaling.cli", "steerwise.harness_cli")
 
 console = Console()
 
@@ -240,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        from rich.markup import escape  # messages may hold brackets, e.g. 'steerwise[harness]'
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         return 2
 
 
