@@ -202,8 +202,10 @@ def mmlu_accuracy(
             raise ValueError(f"subject {subject!r} has only {len(qs)} dev examples for {k} shots")
     with tempfile.TemporaryDirectory(prefix="steerwise-mmlu-") as tmp:
         tasks = mmlu_tasks(questions, shots if k > 0 else None, tmp)
+        # seeds None: leave the caller's random state alone (first_n shots need none)
         res = evaluate(model, tokenizer, recipe, strength, tasks, num_fewshot=k,
-                       batch_size=batch_size, max_length=max_length, verbosity="ERROR")
+                       batch_size=batch_size, max_length=max_length, random_seed=None,
+                       numpy_random_seed=None, torch_random_seed=None)
     per_subject, correct, total = {}, 0.0, 0
     for subject, qs in questions.items():
         acc = float(res["results"][f"steerwise_mmlu_{subject}"]["acc,none"])

@@ -12,7 +12,7 @@ import pytest
 from conftest import VOCAB_WORDS, make_model, make_tokenizer, random_recipe
 
 from steerwise.cli import main
-from steerwise.eval.mmlu import build_prompt
+from steerwise.eval.mmlu import MMLUQuestion, build_prompt
 from steerwise.recipe import RecipeMismatchError
 
 try:
@@ -145,6 +145,12 @@ def test_cli_needs_tasks(capsys):
     assert "--tasks" in capsys.readouterr().out
 
 
+def mmlu_question(subject: str, i: int) -> MMLUQuestion:
+    words = ["apple", "pear", "car", "dog", "rain", "song", "ball", "sun"]
+    c = [words[(i + j) % 8] for j in range(4)]
+    return MMLUQuestion(subject, f"the {words[i % 8]} is", (c[0], c[1], c[2], c[3]), i % 4)
+
+
 def letter_tokenizer():
     """The tiny vocabulary plus the MMLU letters and punctuation (ids < 64, the model's vocab)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -162,17 +168,12 @@ def letter_tokenizer():
 
 @needs_lm_eval
 def test_mmlu_through_lm_eval_matches_the_hand_written_letter_scoring(setup, tmp_path):
-    from steerwise.eval.mmlu import MMLUQuestion, evaluate_mmlu, model_choice_scorer
+    from steerwise.eval.mmlu import evaluate_mmlu, model_choice_scorer
     from steerwise.harness import evaluate, mmlu_tasks
 
     model, _, recipe = setup
     tok = letter_tokenizer()
-    words = ["apple", "pear", "car", "dog", "rain", "song", "ball", "sun"]
-
-    def q(subject, i):
-        c = [words[(i + j) % 8] for j in range(4)]
-        return MMLUQuestion(subject, f"the {words[i % 8]} is", (c[0], c[1], c[2], c[3]), i % 4)
-
+    q = mmlu_question
     questions = {s: [q(s, i) for i in range(3)] for s in ("fruit", "road_trip")}
     shots = {s: [q(s, i + 3) for i in range(2)] for s in questions}
     for strength in (0.0, 4.0):
@@ -194,6 +195,50 @@ def test_mmlu_through_lm_eval_matches_the_hand_written_letter_scoring(setup, tmp
         assert per == pytest.approx(hand.per_subject) and acc == pytest.approx(hand.accuracy)
     with pytest.raises(ValueError, match="only 2 dev examples for 5 shots"):
         mmlu_accuracy(model, tok, None, None, questions, shots, k=5)
+
+class ZeroToxicity:
+    name = "zero"
+
+    def score(self, texts):
+        import numpy as np
+
+        return np.zeros(len(texts))
+
+
+@needs_lm_eval
+def test_sweep_measures_mmlu_with_lm_eval_and_resumes_old_sweeps(setup, tmp_path):
+    from steerwise.eval.generation import GenerationConfig
+    from steerwise.eval.mmlu import resolve_mmlu_backend
+    from steerwise.eval.sweep import SweepConfig, SweepData, _check_config, evaluate_point
+
+    model, _, recipe = setup
+    tok = letter_tokenizer()
+    questions = {"fruit": [mmlu_question("fruit", i) for i in range(8)]}
+    shots = {"fruit": [mmlu_question("fruit", i) for i in (3, 6)]}
+    data = SweepData(toxic_prompts=["the dog"], source_pool=[], target_pool=[], control_pool=[],
+                     mmlu_questions=questions, mmlu_shots=shots)
+    points = {}
+    for backend in ("lm-eval", "steerwise"):
+        cfg = SweepConfig(methods=["caa"], mmlu_k=2, mmlu_backend=backend,
+                          generation=GenerationConfig(max_new_tokens=2))
+        points[backend] = evaluate_point(model, tok, data, ZeroToxicity(), cfg, recipe, 4.0, 0)
+    assert points["lm-eval"]["mmlu_backend"] == "lm-eval"
+    assert points["lm-eval"]["mmlu"] == pytest.approx(points["steerwise"]["mmlu"])
+    assert points["lm-eval"]["mmlu_n"] == 8
+    assert resolve_mmlu_backend("auto", "letter") == "lm-eval"
+    assert resolve_mmlu_backend("auto", "cloze") == "steerwise"
+    with pytest.raises(ValueError, match="needs the steerwise backend"):
+        resolve_mmlu_backend("lm-eval", "text")
+    # a sweep written before mmlu_backend existed resumes with the steerwise backend only
+    cfg = SweepConfig(methods=["caa"]).to_json()
+    (tmp_path / "sweep.json").write_text(json.dumps(
+        {"config": {k: v for k, v in cfg.items() if k != "mmlu_backend"}, "data": {}}))
+    _check_config(tmp_path, cfg, {})
+    assert json.loads((tmp_path / "sweep.json").read_text())["config"]["mmlu_backend"] == (
+        "steerwise")
+    with pytest.raises(ValueError, match="other settings.*mmlu_backend"):
+        _check_config(tmp_path, {**cfg, "mmlu_backend": "lm-eval"}, {})
+
 
 def test_without_lm_eval_the_command_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError

@@ -64,6 +64,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from ..maps import MAP_REGISTRY
     from ..models import load_model
     from .generation import GenerationConfig
+    from .mmlu import resolve_mmlu_backend
     from .plots import plot_fronts
     from .sweep import SweepConfig, aggregate, run_sweep, write_tables
     from .toxicity import load_scorer
@@ -103,6 +104,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         ppl_window=args.ppl_window,
         ppl_max_tokens=args.ppl_max_tokens or (QUICK["ppl_max_tokens"] if quick else None),
         mmlu_k=args.mmlu_shots, mmlu_scoring=args.mmlu_scoring,
+        mmlu_backend=resolve_mmlu_backend(args.mmlu_backend, args.mmlu_scoring),
         mmlu_max_length=args.mmlu_max_length, batch_size=args.batch_size,
     )
     out = Path(args.out)
@@ -258,6 +260,10 @@ def register(subparsers) -> None:
     e.add_argument("--mmlu-scoring", default="letter", choices=["letter", "text", "cloze"],
                    help="letter: log p(' A'..' D'); text: log p(choice text) after the "
                         "lettered prompt; cloze: log p(choice text) after the bare question")
+    e.add_argument("--mmlu-backend", default="auto", choices=["auto", "lm-eval", "steerwise"],
+                   help="who measures MMLU: lm-evaluation-harness's mmlu task (letter scoring, "
+                        "as in the DSAS paper) or steerwise's scorer (auto: lm-eval when "
+                        "installed and the scoring is letter)")
     e.add_argument("--mmlu-max-length", type=int, default=None,
                    help="cut MMLU prompts from the left to this many tokens")
     e.add_argument("--batch-size", type=int, default=32)
