@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,6 @@ class SteerwiseLM(HFLM):
             recipe.check_model(self.model)
 
     def _steered(self):
-        from contextlib import nullcontext
-
         if self.recipe is None:
             return nullcontext()
         return self.recipe.apply(self.model, self.strength)

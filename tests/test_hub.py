@@ -100,24 +100,22 @@ def test_local_directory_wins_over_a_repo_id(tmp_path, offline_cache, monkeypatc
 
 
 def test_cli_reads_the_usual_cache_under_hf_home_offline(tmp_path):
+    from steerwise.generate import generate
     from steerwise.models import load_model
 
-    model, _ = load_model("concept-lm", device="cpu")
+    model, tok = load_model("concept-lm", device="cpu")
     recipe = random_recipe(model)
     hf_home = tmp_path / "hf-home"
     put_in_cache(hf_home / "hub", REPO, recipe.save_pretrained(tmp_path / "r"))
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     env.pop("HF_HUB_CACHE", None)
-    cmd = [sys.executable, "-m", "steerwise.cli", "generate", "--model", "concept-lm",
-           "--device", "cpu", "--max-new-tokens", "3"]
-
-    def generate(recipe: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, "--recipe", recipe, "--strength", "4", "the apple"],
-                              capture_output=True, text=True, env=env, timeout=300, check=False)
-
-    hub, local = generate(REPO), generate(str(tmp_path / "r"))
-    assert hub.returncode == 0, hub.stdout + hub.stderr
-    assert "steered:" in hub.stdout and hub.stdout == local.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "steerwise.cli", "generate", "--model", "concept-lm", "--device",
+         "cpu", "--max-new-tokens", "4", "--recipe", REPO, "--strength", "4", "the apple"],
+        capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    expected = generate(model, tok, ["the apple"], recipe, 4.0, max_new_tokens=4, seed=0)
+    assert f"steered:   the apple{expected.continuations[0]}" in out.stdout
 
 
 class StandInHub:
