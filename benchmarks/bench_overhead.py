@@ -1,14 +1,21 @@
-"""Generation overhead of steering, and fit time, measured side by side in one run.
+"""Overhead of steering (eager and compiled) and fit time, measured side by side in one run.
 
-    python benchmarks/bench_overhead.py [--repeats 5] [--tokens 64] [--skip-testbed]
+    python benchmarks/bench_overhead.py [--repeats 5] [--tokens 64] [--skip-testbed] [--no-compile]
 
 Models: a GPT-2-small-shaped random model (12 layers, d = 768, built from a config) and, when
-../shared is present, the testbed tox-qwen2-7m. For batch 1 and 8, greedy generation of
-``--tokens`` new tokens: unsteered, CAA on all residual layers (no gate), CAA + DSAS on all
-layers. Configurations run in rotating order within each repeat; the table shows medians and
-ratios to unsteered. Fit time: ``fit(method="caa", gate="dsas")`` on all layers against one
-no-grad forward pass over the same texts (both models, with the testbed's tokenizer; needs
-../shared). Writes benchmarks/results/overhead.json.
+../shared is present, the testbed tox-qwen2-7m. All residual layers are steered.
+
+- Eager generation, batch 1 and 8, greedy ``--tokens`` new tokens: unsteered; CAA; CAA + DSAS;
+  CAA + DSAS at strength 0; and a stack of 4 CAA + DSAS recipes in one handle with rows routed
+  to different recipes (``apply_recipes`` + ``route``) against one recipe.
+- Compiled (``torch.compile`` of the model, default inductor backend): a no-cache forward pass
+  of batch × prompt tokens, unsteered vs CAA + DSAS, each compiled once with its hooks in place.
+- Fit: ``fit(method="caa", gate="dsas")`` on all layers against one no-grad forward pass over
+  the same texts (needs ../shared for the texts and tokenizer).
+
+Configurations run in rotating order within each repeat; tables show medians and ratios to
+unsteered, by wall time and by process CPU time (the CPU ratio is steadier on a shared machine).
+Writes benchmarks/results/overhead.json.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -35,7 +45,7 @@ from steerwise.fit import fit  # noqa: E402
 from steerwise.gates import DSASGate  # noqa: E402
 from steerwise.hooks import SiteSteering  # noqa: E402
 from steerwise.maps import CAAMap  # noqa: E402
-from steerwise.recipe import ModelIdentity, Recipe  # noqa: E402
+from steerwise.recipe import ModelIdentity, Recipe, apply_recipes  # noqa: E402
 from steerwise.sites import hidden_size, resolve_sites  # noqa: E402
 
 TESTBED = ROOT.parent / "shared" / "testbed" / "tox-qwen2-7m"
@@ -43,56 +53,101 @@ DATA = ROOT.parent / "shared" / "data"
 console = Console()
 
 
-def random_recipes(model) -> dict[str, Recipe]:
-    g = torch.Generator().manual_seed(0)
+def random_recipe(model, g: torch.Generator, gated: bool) -> Recipe:
     d = hidden_size(model)
-    sites = resolve_sites(model, "residual")
-    out = {}
-    for gated in (False, True):
-        entries = [
-            SiteSteering(s, CAAMap(torch.randn(d, generator=g) * 0.1),
-                         DSASGate(torch.randn(d, generator=g) * 0.01, torch.zeros(())) if gated else None)
-            for s in sites
-        ]
-        out["CAA + DSAS" if gated else "CAA"] = Recipe(
-            ModelIdentity.of(model), entries, "caa", "dsas" if gated else "none")
-    return out
+    entries = [
+        SiteSteering(s, CAAMap(torch.randn(d, generator=g) * 0.1),
+                     DSASGate(torch.randn(d, generator=g) * 0.01, torch.zeros(())) if gated else None)
+        for s in resolve_sites(model, "residual")
+    ]
+    return Recipe(ModelIdentity.of(model), entries, "caa", "dsas" if gated else "none")
 
 
-def time_generation(model, input_ids, mask, recipe, strength, tokens) -> float:
-    kwargs = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=tokens,
-                  min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        if recipe is None:
-            t0 = time.perf_counter()
-            model.generate(**kwargs)
-            return time.perf_counter() - t0
-        with recipe.apply(model, strength):
-            t0 = time.perf_counter()
-            model.generate(**kwargs)
-            return time.perf_counter() - t0
+class Timer:
+    """Wall and process-CPU seconds of a block."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
-def bench_generation(name, model, recipes, repeats, tokens, prompt_len=16) -> list[dict]:
-    rows = []
+def configs_for(model, batch: int) -> dict[str, Callable[[], Any]]:
+    """name → a context manager factory installing that configuration (None = unsteered)."""
+    g = torch.Generator().manual_seed(0)
+    caa, dsas = random_recipe(model, g, False), random_recipe(model, g, True)
+    stack = {f"r{i}": random_recipe(model, g, True) for i in range(4)}
+    rows = [f"r{i % 4}" for i in range(batch)]
+
+    def stacked():
+        handle = apply_recipes(model, stack)
+        handle.route(rows, [1.0] * batch)
+        return handle
+
+    return {
+        "unsteered": nullcontext,
+        "CAA": lambda: caa.apply(model, 1.0),
+        "CAA + DSAS": lambda: dsas.apply(model, 1.0),
+        "CAA + DSAS, strength 0": lambda: dsas.apply(model, 0.0),
+        "4 recipes, rows mixed": stacked,
+    }
+
+
+def summarise(rows_out, name, batch, times, what):
+    base_w = statistics.median(t.wall for t in times["unsteered"])
+    base_c = statistics.median(t.cpu for t in times["unsteered"])
+    for k, ts in times.items():
+        w, c = statistics.median(t.wall for t in ts), statistics.median(t.cpu for t in ts)
+        rows_out.append(dict(model=name, batch=batch, what=what, config=k, median_s=w,
+                             median_cpu_s=c, ratio=w / base_w, ratio_cpu=c / base_c,
+                             runs=[t.wall for t in ts]))
+
+
+def bench_generation(name, model, repeats, tokens, prompt_len=16) -> list[dict]:
+    rows: list[dict] = []
     vocab = model.config.vocab_size
     for batch in (1, 8):
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
-        mask = torch.ones_like(ids)
-        configs = {"unsteered": None, **recipes}
-        times: dict[str, list[float]] = {k: [] for k in configs}
-        time_generation(model, ids, mask, None, 1.0, 4)  # warm-up
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                      min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        configs = configs_for(model, batch)
+        times: dict[str, list[Timer]] = {k: [] for k in configs}
         order = list(configs)
-        for r in range(repeats):
-            rot = order[r % len(order):] + order[: r % len(order)]
-            for k in rot:
-                times[k].append(time_generation(model, ids, mask, configs[k], 1.0, tokens))
-        base = statistics.median(times["unsteered"])
-        for k, ts in times.items():
-            med = statistics.median(ts)
-            rows.append(dict(model=name, batch=batch, config=k, median_s=med,
-                             ratio=med / base, runs=ts))
+        with torch.no_grad():
+            model.generate(**{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+            for r in range(repeats):
+                for k in order[r % len(order):] + order[: r % len(order)]:
+                    with configs[k](), Timer() as t:
+                        model.generate(**kwargs)
+                    times[k].append(t)
+        summarise(rows, name, batch, times, f"generate {tokens} tokens (eager)")
+    return rows
+
+
+def bench_compiled(name, model, repeats, batch=8, prompt_len=64) -> list[dict]:
+    """Compiled forward passes: each configuration compiled once with its hooks installed."""
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g)
+    configs = {k: v for k, v in configs_for(model, batch).items()
+               if k in ("unsteered", "CAA + DSAS")}
+    times: dict[str, list[Timer]] = {k: [] for k in configs}
+    with torch.no_grad():
+        for k, make in configs.items():  # compile (and warm) each with its own hooks
+            torch._dynamo.reset()
+            with make():
+                compiled = torch.compile(model)
+                for _ in range(2):
+                    compiled(input_ids=ids, use_cache=False)
+                for _ in range(repeats):
+                    with Timer() as t:
+                        compiled(input_ids=ids, use_cache=False)
+                    times[k].append(t)
+        torch._dynamo.reset()
+    summarise(rows, name, batch, times, f"forward {batch}x{prompt_len} (compiled)")
     return rows
 
 
@@ -107,18 +162,20 @@ def bench_fit(name, model, tok, source, control, repeats) -> dict:
                 ids, mask = pad_batch(rows[i:i + 16], tok.pad_token_id, torch.device("cpu"))
                 model(**forward_kwargs(model, ids, mask), use_cache=False)
 
-    fwd, fits = [], []
+    fwd: list[Timer] = []
+    fits: list[Timer] = []
     for r in range(repeats):
         for k in (["fwd", "fit"] if r % 2 == 0 else ["fit", "fwd"]):
-            t0 = time.perf_counter()
-            if k == "fwd":
-                forward_all()
-                fwd.append(time.perf_counter() - t0)
-            else:
-                fit(model, tok, source, control, method="caa", gate="dsas", progress=False)
-                fits.append(time.perf_counter() - t0)
-    f, p = statistics.median(fits), statistics.median(fwd)
-    return dict(model=name, n_texts=len(texts), fit_s=f, forward_s=p, ratio=f / p)
+            with Timer() as t:
+                if k == "fwd":
+                    forward_all()
+                else:
+                    fit(model, tok, source, control, method="caa", gate="dsas", progress=False)
+            (fwd if k == "fwd" else fits).append(t)
+    f, p = statistics.median(t.wall for t in fits), statistics.median(t.wall for t in fwd)
+    fc, pc = statistics.median(t.cpu for t in fits), statistics.median(t.cpu for t in fwd)
+    return dict(model=name, n_texts=len(texts), fit_s=f, forward_s=p, ratio=f / p,
+                fit_cpu_s=fc, forward_cpu_s=pc, ratio_cpu=fc / pc)
 
 
 def gpt2_small():
@@ -146,6 +203,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-testbed", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,25 +220,29 @@ def main() -> None:
     source, control = fit_texts()
     for name, model, tok in models:
         console.print(f"[bold]{name}[/]: generation")
-        gen_rows += bench_generation(name, model, random_recipes(model), args.repeats, args.tokens)
+        gen_rows += bench_generation(name, model, args.repeats, args.tokens)
+        if not args.no_compile:
+            console.print(f"[bold]{name}[/]: compiled forward")
+            gen_rows += bench_compiled(name, model, args.repeats)
         if tok is not None:
             console.print(f"[bold]{name}[/]: fit")
             fit_rows.append(bench_fit(name, model, tok, source, control, args.repeats))
 
-    table = Table(title=f"greedy generation of {args.tokens} tokens, median of {args.repeats}")
-    for col in ("model", "batch", "config", "median s", "× unsteered"):
+    table = Table(title=f"steering overhead, median of {args.repeats}")
+    for col in ("model", "what", "batch", "config", "median s", "× unsteered (wall)",
+                "× unsteered (CPU)"):
         table.add_column(col)
     for r in gen_rows:
-        table.add_row(r["model"], str(r["batch"]), r["config"], f"{r['median_s']:.3f}",
-                      f"{r['ratio']:.3f}")
+        table.add_row(r["model"], r["what"], str(r["batch"]), r["config"], f"{r['median_s']:.3f}",
+                      f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}")
     console.print(table)
     if fit_rows:
         table = Table(title="fit CAA + DSAS (all layers) vs one no-grad forward over the fit texts")
-        for col in ("model", "texts", "fit s", "forward s", "ratio"):
+        for col in ("model", "texts", "fit s", "forward s", "ratio (wall)", "ratio (CPU)"):
             table.add_column(col)
         for r in fit_rows:
             table.add_row(r["model"], str(r["n_texts"]), f"{r['fit_s']:.2f}",
-                          f"{r['forward_s']:.2f}", f"{r['ratio']:.2f}")
+                          f"{r['forward_s']:.2f}", f"{r['ratio']:.2f}", f"{r['ratio_cpu']:.2f}")
         console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

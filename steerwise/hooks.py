@@ -18,7 +18,9 @@ are all 0 costs one Python check per hooked call.
 handle acts only inside the context (``contextvars``) that created it: the thread that applied
 a recipe sees its steering; another thread's forward pass on the same model is unsteered, and
 two threads with two recipes each get their own. Asyncio tasks inherit their creator's context.
-To use a handle from another thread, enter ``handle.activate()`` there.
+To use a handle from another thread, enter ``handle.activate()`` there. Inside a
+``torch.compile``d model the check is skipped (a compiled graph cannot read contextvars, and its
+guards fix the steering it was traced with): give each thread its own compiled model.
 """
 
 from __future__ import annotations
@@ -266,8 +268,9 @@ class SteeringHandle(HookHandle):
         *,
         trace: bool = False,
     ) -> None:
+        value = check_strength(strength)  # before any hook goes in
         self._setup(model, {"": list(entries)}, trace)
-        self.strength = strength
+        self.strength = value
 
     @classmethod
     def many(
@@ -360,9 +363,6 @@ class SteeringHandle(HookHandle):
     # ---- life cycle -------------------------------------------------------------------------
     def _install(self) -> None:
         try:
-            self._handles.append(
-                self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
-            )
             fallback = next(self.model.parameters()).device
             for entries in self._recipes:  # gates that share state (CAST) find their partners
                 for entry in entries:
@@ -383,6 +383,12 @@ class SteeringHandle(HookHandle):
                 else:
                     h = module.register_forward_hook(self._make_output_hook(slot))
                 self._handles.append(h)
+            # the per-call context (mask, sequence start, gate state) only matters to gates that
+            # run outside the kernel and to traces: without them, no pre-hook at all
+            if self.trace_enabled or any(slot.external for slot in self._slots):
+                self._handles.append(
+                    self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
+                )
         except BaseException:
             self.remove()
             raise
@@ -415,8 +421,8 @@ class SteeringHandle(HookHandle):
 
     def _steer(self, slot: _Slot, x: Tensor) -> Tensor | None:
         """The steered activation, or None to leave it untouched."""
-        if not self.in_context() or not (self._steering or self.trace_enabled):
-            return None
+        if not torch.compiler.is_compiling() and self._id not in _ACTIVE.get():
+            return None  # (a compiled graph cannot read contextvars: see the module docstring)
         channel_dim = slot.site.channel_dim
         moved = channel_dim not in (-1, x.ndim - 1)
         if moved:
@@ -432,8 +438,8 @@ class SteeringHandle(HookHandle):
         external = None
         if slot.external:
             external = self._external(slot, t, index)
-        out, gate = steer(t, stack, strength, index, external)
-        if self.trace_enabled:
+        out, gate = steer(t, stack, strength, index, external, with_gate=self.trace_enabled)
+        if gate is not None:
             self._trace.setdefault(slot.site.name, []).append(
                 gate.detach().float().expand(t.shape[:-1]).cpu()
             )

@@ -78,6 +78,19 @@ class SiteStack:
     lo: Tensor | None = None
     hi: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # static plan, read by ``steer`` (Python values, never tensor values: compile-friendly)
+        self.single = int(self.b.shape[0]) == 1
+        self.linear = bool(self.kinds & {GATE_SIGMOID, GATE_RELU})
+        self.code = min(self.kinds) if len(self.kinds) == 1 else -1
+        self.scale0 = float(self.scale[0]) if self.single and not self.scale.requires_grad else None
+
+        def first(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[0]
+
+        self.row = (first(self.w), first(self.c), first(self.b), first(self.a), first(self.lo),
+                    first(self.hi), first(self.scale))
+
     @property
     def n_recipes(self) -> int:
         return int(self.b.shape[0])
@@ -163,22 +176,50 @@ def steer(
     strength: Tensor | float,
     index: Tensor | None = None,
     external: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(x', g)``: the steered activation (dtype of ``x``) and the per-token gate ``a[r]·h[r](x)``.
+    *,
+    with_gate: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(x', g)``: the steered activation (dtype of ``x``) and the per-token gate ``a[r]·h[r](x)``
+    (``None`` when ``with_gate=False``).
 
     ``x``: (..., d). ``strength``: a float for every token, or a tensor broadcastable to
     ``x.shape[:-1]``. ``index``: the recipe of each token, a long tensor broadcastable to
     ``x.shape[:-1]`` (``None`` only for a stack of one recipe). ``external``: per-token gate
     values (broadcastable to ``x.shape[:-1]``) for stacks with an external gate. Computed in
-    float32; a float ``strength`` of 0 is the caller's to skip (nothing to compute).
+    float32. A float ``strength`` skips the exact-zero selection (a caller with strength 0 has
+    nothing to compute); with a tensor strength, tokens whose coefficient is 0 keep ``x`` exactly.
     """
     t = x.float()
+    if stack.single and stack.scale0 is not None and not isinstance(strength, Tensor):
+        return _steer_one(t, stack, float(strength), external, with_gate, x.dtype)
     coef, delta, g = steer_terms(t, stack, strength, index, external)
     if isinstance(strength, Tensor):
         out = torch.where(coef != 0, torch.addcmul(t, coef, delta), t)
     else:
         out = torch.addcmul(t, coef, delta)
-    return out.to(x.dtype), g
+    return out.to(x.dtype), g if with_gate else None
+
+
+def _steer_one(t: Tensor, stack: SiteStack, strength: float, external: Tensor | None,
+               with_gate: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """One recipe, one strength for every token: the hot path of the HF hooks, fewest kernels."""
+    w, c, b, a, lo, hi, _ = stack.row
+    k = strength * stack.scale0  # type: ignore[operator]
+    delta = b if a is None else torch.addcmul(b, a, t)  # type: ignore[arg-type]
+    if lo is not None and hi is not None:
+        delta = delta * ((t >= lo) & (t <= hi)).to(t.dtype)
+    code = stack.code
+    if code == GATE_ONE:
+        out = torch.add(t, delta, alpha=k)
+        g = torch.full(t.shape[:-1], stack.scale0, device=t.device) if with_gate else None  # type: ignore[arg-type]
+        return out.to(dtype), g
+    if code == GATE_EXTERNAL:
+        h = _gate_fn(code, None, external, t.shape[:-1], t)
+    else:
+        z = torch.matmul(t, w) + c  # type: ignore[arg-type]
+        h = torch.sigmoid(z) if code == GATE_SIGMOID else torch.relu(z)
+    out = torch.addcmul(t, h.unsqueeze(-1), delta, value=k)
+    return out.to(dtype), (h * stack.scale0 if with_gate else None)
 
 
 def steer_terms(
@@ -195,30 +236,25 @@ def steer_terms(
     reads their sum, the update goes to ``hidden``); keep ``coef == 0`` tokens exact with
     ``torch.where(coef != 0, ...)`` as ``steer`` does."""
     lead = t.shape[:-1]
-    linear = bool(stack.kinds & {GATE_SIGMOID, GATE_RELU})
-    if stack.n_recipes == 1:
-        z = torch.matmul(t, stack.w[0]) + stack.c[0] if linear else None
-        (code,) = stack.kinds
-        g = _gate_fn(code, z, external, lead, t) * stack.scale[0]
-        b = stack.b[0]
-        a = None if stack.a is None else stack.a[0]
-        lo = None if stack.lo is None else stack.lo[0]
-        hi = None if stack.hi is None else stack.hi[0]
+    if stack.single:
+        w, c, b, a, lo, hi, scale = stack.row
+        z = torch.matmul(t, w) + c if stack.linear else None  # type: ignore[arg-type]
+        g = _gate_fn(stack.code, z, external, lead, t) * scale
     else:
         if index is None:
             raise ValueError(f"a stack of {stack.n_recipes} recipes needs a per-token recipe index")
         idx = index.expand(lead)
         z = None
-        if linear:
+        if stack.linear:
             z_all = torch.matmul(t, stack.w.T) + stack.c  # (..., R)
             z = z_all.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-        if len(stack.kinds) == 1:
-            (code,) = stack.kinds
-            h = _gate_fn(code, z, external, lead, t)
+        if stack.code >= 0:
+            h = _gate_fn(stack.code, z, external, lead, t)
         else:
             mix = stack.mix[idx]  # (..., 4) one-hot of each token's gate form
-            h = mix[..., min(stack.kinds)] * _gate_fn(min(stack.kinds), z, external, lead, t)
-            for k in sorted(stack.kinds)[1:]:
+            kinds = sorted(stack.kinds)
+            h = mix[..., kinds[0]] * _gate_fn(kinds[0], z, external, lead, t)
+            for k in kinds[1:]:
                 h = h + mix[..., k] * _gate_fn(k, z, external, lead, t)
         g = h * stack.scale[idx]
         b = stack.b[idx]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_model, random_recipe
+
 from steerwise.activations import pad_batch
-from steerwise.sites import SiteError, Site
+from steerwise.sites import Site, SiteError
 
 IDS = [[5, 9, 12, 7, 20], [30, 8, 11]]
 
@@ -39,10 +39,9 @@ def test_hooks_removed_when_body_raises(family):
     model = make_model(family)
     ids = torch.tensor([IDS[0]])
     base = logits(model, ids)
-    with pytest.raises(RuntimeError, match="boom"):
-        with random_recipe(model).apply(model, 3.0):
-            logits(model, ids)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), random_recipe(model).apply(model, 3.0):
+        logits(model, ids)
+        raise RuntimeError("boom")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert torch.equal(logits(model, ids), base)
 
@@ -157,3 +156,140 @@ def test_missing_site_error_names_model_and_choices():
     with pytest.raises(SiteError, match=r"qwen2.*residual: model.layers.0"):
         SteeringHandle(model, [bad], 1.0)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ---- when a sequence starts: any cache keyword (transformers 5.24 passes `cache=`) --------------
+def test_prefill_is_read_from_the_cache_under_either_keyword():
+    from transformers import DynamicCache
+
+    from steerwise.hooks import is_prefill
+
+    model = make_model("llama")
+    empty = DynamicCache(config=model.config)
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([IDS[0]]), use_cache=True).past_key_values
+    assert full.get_seq_length() == 5
+    for key in ("cache", "past_key_values", "kv_state_of_a_future_release"):
+        assert is_prefill({key: empty}) is True
+        assert is_prefill({key: full}) is False
+    assert is_prefill({}) is True
+    assert is_prefill({"cache_position": torch.tensor([4])}) is False
+    assert is_prefill({"cache_position": torch.tensor([0, 1, 2])}) is True
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_decoding_steps_are_not_new_sequences_whatever_the_cache_keyword(keyword):
+    """Gate traces keep every step and CAST keeps its prefill decision (broken by 5.24's
+    rename when only ``past_key_values`` was read)."""
+    from transformers import DynamicCache
+
+    from steerwise.hooks import SteeringHandle
+
+    model = make_model("llama")
+    recipe = random_recipe(model)
+    ids = torch.tensor([IDS[0]])
+    with SteeringHandle(model, recipe.entries, 1.0, trace=True) as handle, torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, **{keyword: cache}, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            out = model(input_ids=nxt, **{keyword: cache}, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _, values, _ = handle.gate_trace()
+    assert values.shape[:2] == (1, ids.shape[1] + 3)
+
+
+# ---- threads: a handle acts only in the context that applied it --------------------------------
+def test_another_threads_forward_pass_is_not_steered():
+    import threading
+
+    model = make_model("qwen2")
+    ids = torch.tensor([IDS[0]])
+    base = logits(model, ids)
+    recipe = random_recipe(model)
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def steering_thread():
+        with recipe.apply(model, 4.0):
+            seen["steered"] = logits(model, ids)
+            inside.set()
+            done.wait(30)
+
+    def plain_thread():
+        inside.wait(30)
+        seen["plain"] = logits(model, ids)
+        done.set()
+
+    threads = [threading.Thread(target=steering_thread), threading.Thread(target=plain_thread)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert torch.equal(seen["plain"], base)
+    assert not torch.allclose(seen["steered"], base)
+
+
+def test_two_threads_with_two_recipes_each_get_their_own():
+    import threading
+
+    model = make_model("llama")
+    ids = torch.tensor([IDS[0]])
+    recipes = [random_recipe(model, seed=1), random_recipe(model, seed=2)]
+    alone = []
+    for r in recipes:
+        with r.apply(model, 3.0):
+            alone.append(logits(model, ids))
+    barrier = threading.Barrier(2)
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def run(k):
+        with recipes[k].apply(model, 3.0):
+            barrier.wait(30)  # both recipes are installed on the model from here on
+            for _ in range(5):
+                got[k].append(logits(model, ids))
+            barrier.wait(30)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for k in (0, 1):
+        assert len(got[k]) == 5
+        for out in got[k]:
+            torch.testing.assert_close(out, alone[k], rtol=0, atol=0)
+
+
+def test_activate_lends_a_handle_to_another_thread():
+    import threading
+
+    model = make_model("gpt2")
+    ids = torch.tensor([IDS[0]])
+    recipe = random_recipe(model)
+    with recipe.apply(model, 2.0) as handle:
+        steered = logits(model, ids)
+        seen = {}
+
+        def worker():
+            with handle.activate():
+                seen["x"] = logits(model, ids)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(60)
+    assert torch.equal(seen["x"], steered)
+
+
+# ---- NaN/inf strengths are refused at the boundary --------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "abc"])
+def test_non_finite_strengths_are_refused(bad):
+    model = make_model("qwen2")
+    recipe = random_recipe(model)
+    with pytest.raises(ValueError, match="strength must be a"):
+        recipe.apply(model, bad)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with recipe.apply(model, 1.0) as handle:
+        with pytest.raises(ValueError, match="strength must be a"):
+            handle.strength = bad
+        assert handle.strength == 1.0

@@ -20,6 +20,7 @@ from steerwise import DSASOptions, Recipe
 from steerwise.card import model_card
 from steerwise.fit import fit
 from steerwise.hub import RECIPE_FILES
+from steerwise.recipe import RecipeError
 
 IDS = torch.tensor([[5, 9, 12, 7, 20]])
 REPO = "someone/caa-recipe"
@@ -187,6 +188,12 @@ def test_saved_recipe_carries_a_model_card(fitted, tmp_path):
     fitted.save_pretrained(out)
     assert "| default strength λ | 5 |" in (out / "README.md").read_text()
     fitted.default_strength = 3.0
+    # a README.md is part of a recipe only beside steerwise.json: a user's is never replaced
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("mine")
+    with pytest.raises(RecipeError, match=r"other files than a recipe \(README.md\)"):
+        fitted.save_pretrained(tmp_path / "project")
+    assert (tmp_path / "project" / "README.md").read_text() == "mine"
 
 
 def test_card_metadata_names_only_hub_base_models(fitted, tmp_path):

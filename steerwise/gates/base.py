@@ -9,12 +9,18 @@ the hook handle calls when a new sequence starts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..kernel import LinearGate
+
+if TYPE_CHECKING:
+    from ..fit import FitOptions
+    from ..hooks import SiteSteering
+    from ..sites import Site
 
 GATE_REGISTRY: dict[str, type[Gate]] = {}
 
@@ -43,7 +49,7 @@ class StepContext:
 class Gate(nn.Module):
     kind: ClassVar[str] = ""
 
-    def forward(self, t: Tensor, ctx: StepContext) -> Tensor | None:  # noqa: D401
+    def forward(self, t: Tensor, ctx: StepContext) -> Tensor | None:
         raise NotImplementedError
 
     def linear_form(self) -> LinearGate:
@@ -79,6 +85,74 @@ class NoGate(Gate):
     @classmethod
     def empty(cls, dim: int, config: dict[str, Any]) -> NoGate:
         return cls()
+
+
+# ---- fitting: each gate kind owns it ---------------------------------------------------------
+Pooled = dict[str, dict[str, Tensor]]  # site name -> pooling ("mean", "last") -> (n, d)
+
+
+@dataclass
+class GateFit:
+    """What a gate kind's fit returns, per site name: its gate, layer scale a_l, diagnostics."""
+
+    gates: dict[str, Gate]
+    scales: dict[str, float]
+    diagnostics: dict[str, dict[str, Any]]
+
+
+class GateFitter:
+    """How one gate kind is fitted by ``steerwise.fit.fit`` (registered under ``kind``).
+
+    ``fit`` gets the pooled source (S) and control (C) activations of every collected site and
+    returns the gates; the optional steps let a kind collect extra sites (CAST's condition
+    layer), adjust the entries after any end-to-end training, and warn. A new gate is one file:
+    a ``Gate`` subclass (inference, registered with ``register_gate``) and a ``GateFitter``
+    (fitting, registered with ``register_gate_fitter``).
+    """
+
+    kind: ClassVar[str] = ""
+    needs_control: ClassVar[bool] = True
+    trains_end_to_end: ClassVar[bool] = False  # learned through the model after ``fit``
+
+    def cv_folds(self, opts: FitOptions) -> int:
+        return opts.dsas.cv_folds
+
+    def extra_sites(self, model: nn.Module, sites: Sequence[Site], opts: FitOptions) -> list[Site]:
+        """Sites to collect besides the steered ones (steered with an identity map)."""
+        return []
+
+    def fit(self, sites: Sequence[Site], acts_s: Pooled, acts_c: Pooled | None,
+            opts: FitOptions) -> GateFit:
+        raise NotImplementedError
+
+    def finish(self, entries: list[SiteSteering], fitted: GateFit, acts_s: Pooled,
+               acts_c: Pooled | None, extra: dict[str, Any]) -> list[SiteSteering]:
+        """Last step (after end-to-end training): add entries, diagnostics; ``extra`` holds
+        what else the fit knows (``model``, ``map_cls``, ``extra_sites``, ``fit_info``)."""
+        return entries
+
+    def warnings(self, entries: Sequence[SiteSteering], opts: FitOptions) -> list[str]:
+        return []
+
+
+GATE_FITTERS: dict[str, GateFitter] = {}
+
+
+def register_gate_fitter(cls: type[GateFitter]) -> type[GateFitter]:
+    GATE_FITTERS[cls.kind] = cls()
+    return cls
+
+
+@register_gate_fitter
+class NoGateFitter(GateFitter):
+    """Vanilla steering: every site ungated at full layer scale."""
+
+    kind = "none"
+    needs_control = False
+
+    def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
+        return GateFit({s.name: NoGate() for s in sites}, {s.name: 1.0 for s in sites},
+                       {s.name: {} for s in sites})
 
 
 def gate_from_config(kind: str, dim: int, config: dict[str, Any]) -> Gate:

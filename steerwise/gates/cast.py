@@ -37,7 +37,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from ..maps.base import as_float_rows
-from .base import Gate, StepContext, register_gate
+from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 ROLES = ("condition", "follow")
 COMPARATORS = ("greater", "smaller")
@@ -269,3 +269,66 @@ class CASTGate(Gate):
             group=config.get("group", "cast"),
             condition_site=config.get("condition_site", ""),
         )
+
+
+@register_gate_fitter
+class CASTFitter(GateFitter):
+    """CAST: one condition site (best held-out F1, or ``cast.condition_layer``) decides per row;
+    every other steered site follows. A condition layer that is not steered is collected too and
+    carried by an identity map."""
+
+    kind = "cast"
+
+    def cv_folds(self, opts) -> int:
+        return opts.cast.cv_folds
+
+    def extra_sites(self, model, sites, opts):
+        from ..sites import resolve_sites
+
+        layer = opts.cast.condition_layer
+        if layer is None:
+            return []
+        if opts.site.startswith(("re:", "re-in:")):
+            raise ValueError("a CAST condition layer needs a named site kind, not a regex site")
+        if layer in [s.layer for s in sites]:
+            return []
+        return resolve_sites(model, opts.site, [layer])
+
+    def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
+        fits = {s.name: fit_condition(acts_s[s.name]["mean"], acts_c[s.name]["mean"], opts.cast)
+                for s in sites}
+        cond = choose_condition_site(fits, {s.name: s.layer for s in sites},
+                                     opts.cast.condition_layer)
+        best = fits[cond]
+        gates: dict[str, Gate] = {}
+        diag: dict[str, dict[str, Any]] = {}
+        for s in sites:
+            diag[s.name] = {"gate_accuracy": fits[s.name].accuracy, "cast_f1": fits[s.name].f1}
+            if s.name == cond:
+                gates[s.name] = CASTGate(
+                    "condition", vector=torch.from_numpy(best.vector).float(),
+                    threshold=best.threshold, comparator=best.comparator, condition_site=cond,
+                )
+                diag[s.name]["cast_condition"] = True
+            else:
+                gates[s.name] = CASTGate("follow", condition_site=cond)
+        return GateFit(gates, {s.name: 1.0 for s in sites}, diag)
+
+    def finish(self, entries, fitted, acts_s, acts_c, extra):
+        from ..hooks import SiteSteering
+        from ..sites import site_width
+
+        def is_condition(e) -> bool:
+            return isinstance(e.gate, CASTGate) and e.gate.role == "condition"
+
+        if not any(is_condition(e) for e in entries):  # carried by an identity map
+            site = extra["extra_sites"][0]
+            ident = extra["map_cls"].empty(site_width(extra["model"], site),
+                                           entries[0].map.config())
+            entries.append(SiteSteering(site, ident, fitted.gates[site.name], 1.0,
+                                        {**fitted.diagnostics.get(site.name, {}),
+                                         "condition_only": True}))
+            entries.sort(key=lambda e: e.site.layer)
+        extra["fit_info"]["cast"] = {
+            "condition_site": next(e.site.name for e in entries if is_condition(e))}
+        return entries

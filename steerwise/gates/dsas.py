@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..kernel import LinearGate
 from ..maps.base import as_float_rows
-from .base import Gate, StepContext, register_gate
+from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 
 @dataclass
@@ -144,3 +144,53 @@ def layer_scale(accuracy: float, options: DSASOptions) -> tuple[float, bool]:
     if options.below_threshold == "skip":
         return 0.0, False
     return 1.0, True
+
+
+def fit_dsas_gates(sites, acts_s, acts_c, options: DSASOptions) -> tuple[dict[str, DSASGate],
+                                                                         dict[str, float]]:
+    """One folded DSAS gate per site (S vs C, mean-pooled) and its held-out accuracy."""
+    gates, accs = {}, {}
+    for s in sites:
+        gates[s.name], accs[s.name] = DSASGate.fit(acts_s[s.name]["mean"], acts_c[s.name]["mean"],
+                                                   options)
+    return gates, accs
+
+
+@register_gate_fitter
+class DSASFitter(GateFitter):
+    """Offline DSAS: gates fitted per site; layer scale by threshold τ (or adaptive)."""
+
+    kind = "dsas"
+    adaptive = False
+
+    def options(self, opts) -> DSASOptions:
+        return DSASOptions(**{**asdict(opts.dsas), "adaptive": True}) if self.adaptive else opts.dsas
+
+    def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
+        dsas = self.options(opts)
+        gates, accs = fit_dsas_gates(sites, acts_s, acts_c, dsas)
+        scales = {}
+        for name, gate in gates.items():
+            scales[name], gate.constant = layer_scale(accs[name], dsas)
+        return GateFit(dict(gates), scales, {n: {"gate_accuracy": a} for n, a in accs.items()})
+
+    def warnings(self, entries, opts) -> list[str]:
+        accs = [e.diagnostics["gate_accuracy"] for e in entries if "gate_accuracy" in e.diagnostics]
+        out = []
+        if accs and max(accs) < 0.6:
+            out.append(
+                f"all gate accuracies are near chance (max {max(accs):.2f}): DSAS cannot tell "
+                f"source from control here and degrades to uniform ~half-strength steering"
+            )
+        if accs and all(e.scale == 0.0 for e in entries):
+            out.append(f"no layer reached gate accuracy τ={opts.dsas.threshold}: nothing will be "
+                       f"steered")
+        return out
+
+
+@register_gate_fitter
+class AdaptiveDSASFitter(DSASFitter):
+    """DSAS with adaptive accuracy scaling ``a_l = clip((acc − 0.5)/0.5, 0, 1)``."""
+
+    kind = "dsas-adaptive"
+    adaptive = True

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernel import LinearGate
-from .base import Gate, StepContext, register_gate
+from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 ACTIVATIONS = ("sigmoid", "relu")
 
@@ -68,3 +68,36 @@ class E2EGate(Gate):
         if activation == "relu":
             return cls(w / 4.0, b / 4.0 + 0.5, "relu")
         return cls(w, b, activation)  # type: ignore[arg-type]
+
+
+@register_gate_fitter
+class E2EFitter(GateFitter):
+    """E2E-DSAS: gates started from the offline DSAS fit (or zero), then trained end to end
+    with the maps (``steerwise.maps.lineas.train_end_to_end``)."""
+
+    kind = "e2e"
+    trains_end_to_end = True
+
+    def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
+        from .dsas import fit_dsas_gates
+
+        dsas, accs = fit_dsas_gates(sites, acts_s, acts_c, opts.dsas)
+        from_dsas = opts.lineas.e2e_init == "dsas"
+        gates: dict[str, Gate] = {
+            n: E2EGate.init(int(g.weight.numel()), opts.lineas.e2e_gate,
+                            g.weight if from_dsas else None, g.bias if from_dsas else None)
+            for n, g in dsas.items()
+        }
+        return GateFit(gates, {n: 1.0 for n in gates},
+                       {n: {"gate_accuracy": a} for n, a in accs.items()})
+
+    def finish(self, entries, fitted, acts_s, acts_c, extra):
+        with torch.no_grad():
+            for e in entries:
+                if isinstance(e.gate, E2EGate) and acts_c is not None:
+                    ctx = StepContext()
+                    e.diagnostics["gate_mean_source"] = float(
+                        e.gate(acts_s[e.site.name]["mean"], ctx).mean())
+                    e.diagnostics["gate_mean_control"] = float(
+                        e.gate(acts_c[e.site.name]["mean"], ctx).mean())
+        return entries

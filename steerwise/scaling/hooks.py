@@ -1,4 +1,5 @@
-"""Installing a scaling intervention on a model: a context manager, like ``steerwise.hooks``.
+"""Installing a scaling intervention on a model: a context manager, like ``steerwise.hooks``
+(and, like it, acting only in the thread/context that installed it).
 
 ``ScalingHandle(model, intervention, beta)`` adds one forward hook per site (made by a factory,
 so each binds its own site index) plus a pre-hook on the model that records whether the call is a
@@ -61,9 +62,12 @@ class ScalingHandle(HookHandle):
         except BaseException:
             self.remove()
             raise
+        self._activate()
 
     # ---- hooks -----------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.in_context():
+            return
         prefill = is_prefill(kwargs)
         self._prefill = prefill
         if prefill:
@@ -124,6 +128,8 @@ class ScalingHandle(HookHandle):
             return self._apply(index, site, x)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not self.in_context():
+                return output
             return rewrite_output(output, tuple_index, intervene, what)
 
         return hook

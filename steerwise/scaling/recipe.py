@@ -14,13 +14,13 @@ the other's directory with a clear message::
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
@@ -28,8 +28,13 @@ from ..recipe import (
     CONFIG_NAME,
     TENSORS_NAME,
     ModelIdentity,
+    RecipeFields,
+    build_on_meta,
     check_identity,
+    check_option_kinds,
     read_recipe_config,
+    read_recipe_tensors,
+    state_shapes,
     write_recipe_dir,
 )
 from ..sites import Site
@@ -38,6 +43,20 @@ from .interventions import INTERVENTIONS, ScalingIntervention
 
 FORMAT = "steerwise-scale"
 FORMAT_VERSION = 1
+WHAT = "scaling recipe"
+TOP_KEYS = ("format", "format_version", "library_version", "model", "method", "dim", "config",
+            "sites", "options", "info")
+# The JSON kind of a constructor option without a default, from its annotation.
+_ANNOTATION_KINDS = {"int": 0, "bool": False, "float": 0.0, "str": ""}
+
+
+def _option_reference(cls: type[ScalingIntervention]) -> tuple[dict[str, Any], list[str]]:
+    """The options an intervention's constructor takes (beyond sites and dim), each with a value
+    of its JSON kind (its default, or a stand-in for its annotated type); and the required ones."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # self, sites, dim
+    reference = {p.name: p.default if p.default is not p.empty
+                 else _ANNOTATION_KINDS.get(str(p.annotation)) for p in params}
+    return reference, [p.name for p in params if p.default is p.empty]
 
 
 @dataclass
@@ -91,18 +110,37 @@ class ScaleRecipe:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ScaleRecipe:
+        """Load a scaling recipe; anything malformed raises ``RecipeError`` naming file and field.
+
+        The declared sites, width and options are checked against the safetensors header (and
+        ``MAX_WIDTH``) before a tensor is read or the intervention is built."""
         path = Path(directory)
-        config = read_recipe_config(path, FORMAT, FORMAT_VERSION, "scaling recipe")
-        cfg_path = path / CONFIG_NAME
-        method = config["method"]
+        config = read_recipe_config(path, FORMAT, FORMAT_VERSION, WHAT)
+        file = path / CONFIG_NAME
+        top = RecipeFields(file, config, known=TOP_KEYS)
+        ident = top.identity("model")
+        method = top.get("method", "string")
         if method not in INTERVENTIONS:
-            raise ValueError(f"{cfg_path}: unknown method {method!r}")
-        sites = [Site.from_json(s) for s in config["sites"]]
-        iv = INTERVENTIONS[method].empty(sites, int(config["dim"]), config.get("config", {}))
-        iv.load_state_dict(load_file(str(path / TENSORS_NAME)), strict=True)
+            top.fail("method", f"unknown method {method!r}; known: {', '.join(INTERVENTIONS)}")
+        dim = top.width("dim")
+        sites = [top.site(s, f"sites[{i}]") for i, s in enumerate(top.get("sites", "array"))]
+        if not sites:
+            top.fail("sites", "empty; a scaling recipe acts on at least one site")
+        options = top.get("config", "object", {})
+        kind = INTERVENTIONS[method]
+        reference, required = _option_reference(kind)
+        check_option_kinds(file, options, reference, top.path("config"))
+        for key in required:
+            if key not in options:
+                top.fail("config", f"missing required key {key!r}")
+        meta = build_on_meta(file, "config", kind.empty, sites, dim, options)
+        owner = f"the {method} intervention ({len(sites)} sites, dim {dim}, config {options})"
+        tensors = read_recipe_tensors(path / TENSORS_NAME, state_shapes(meta, "", owner), WHAT)
+        iv = kind.empty(sites, dim, options)  # shapes checked against the header above
+        iv.load_state_dict(tensors)
         return cls(
-            model=ModelIdentity(**config["model"]),
+            model=ident,
             intervention=iv,
-            options=config.get("options", {}),
-            info=config.get("info", {}),
+            options=top.get("options", "object", {}),
+            info=top.get("info", "object", {}),
         )
