@@ -20,7 +20,8 @@ from .chat import CHAT_ROLES
 from .models import DEFAULT_MODEL
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
-                                    "steerwise.scaling.cli", "steerwise.harness_cli")
+                                    "steerwise.scaling.cli", "steerwise.server.cli",
+                                    "steerwise.harness_cli")
 
 console = Console()
 

@@ -292,7 +292,8 @@ class SteeringHandle(HookHandle):
         self.names = list(recipes)
         self._recipes = list(recipes.values())
         self.entries = [e for entries in self._recipes for e in entries]
-        self.trace_enabled = trace
+        self._tracing = trace
+        self._root_hook: Any = None
         self._ctx = StepContext()
         self._handles: list[Any] = []
         self._trace: dict[str, list[Tensor]] = {}
@@ -385,14 +386,29 @@ class SteeringHandle(HookHandle):
                 self._handles.append(h)
             # the per-call context (mask, sequence start, gate state) only matters to gates that
             # run outside the kernel and to traces: without them, no pre-hook at all
-            if self.trace_enabled or any(slot.external for slot in self._slots):
-                self._handles.append(
-                    self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
-                )
+            if self._tracing or any(slot.external for slot in self._slots):
+                self._install_root_hook()
         except BaseException:
             self.remove()
             raise
         self._activate()
+
+    def _install_root_hook(self) -> None:
+        if self._root_hook is None:
+            self._root_hook = self.model.register_forward_pre_hook(self._root_pre_hook,
+                                                                   with_kwargs=True)
+            self._handles.append(self._root_hook)
+
+    @property
+    def trace_enabled(self) -> bool:
+        """Whether gate values are recorded (``gate_trace``); may be switched on and off."""
+        return self._tracing
+
+    @trace_enabled.setter
+    def trace_enabled(self, value: bool) -> None:
+        self._tracing = bool(value)
+        if self._tracing and self._handles:
+            self._install_root_hook()
 
     # ---- hooks -----------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -487,6 +503,11 @@ class SteeringHandle(HookHandle):
         return pre_hook
 
     # ---- traces ----------------------------------------------------------------------------
+    def clear_trace(self) -> None:
+        """Forget what was traced so far: the next ``gate_trace`` covers only later calls (a
+        server whose rows join and leave reads one forward call at a time)."""
+        self._trace, self._masks = {}, []
+
     def gate_trace(self) -> tuple[list[str], Tensor, Tensor | None]:
         """(site names, values (batch, tokens, sites), mask (batch, tokens) or None).
 
