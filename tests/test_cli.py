@@ -67,10 +67,11 @@ def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
     rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),
                "--control", str(tmp_path / "s.txt"), "--out", str(tmp_path / "r")])
     assert rc == 2
-    assert "too little data" in capsys.readouterr().out
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("steerwise fit: error:") and "too little data" in err
     assert not (tmp_path / "r").exists()
     rc = main(["generate", "--model", str(model_dir), "--recipe", str(tmp_path / "nope"), "x"])
-    assert rc == 2 and "not a steerwise recipe" in capsys.readouterr().out
+    assert rc == 2 and "not a steerwise recipe" in capsys.readouterr().err
 
 
 def test_sites_command(model_dir, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -16,6 +17,29 @@ def require_diffusers() -> None:
         raise ImportError(
             "steerwise's diffusion support needs diffusers: pip install 'steerwise[diffusion]'"
         ) from exc
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, tiny: tuple[str, ...]) -> Any:
+    """``DiffusionPipeline.from_pretrained`` after a check of the name that needs no network,
+    with diffusers' warnings and log lines held back and a failure reported in one line."""
+    from ..models import check_model_name, first_line
+
+    local = check_model_name(name, tiny, what="pipeline", kind="built-in")
+    if local is not None and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(f"{name} holds no model_index.json: not a diffusers pipeline directory")
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load pipeline {name!r}: {first_line(exc)}") from exc
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def load_pipeline(name_or_path: str, *, dtype: str = "float32", device: str | None = None) -> Any:
@@ -33,9 +57,7 @@ def load_pipeline(name_or_path: str, *, dtype: str = "float32", device: str | No
         if dtype != "float32":
             pipe = pipe.to(dtype=DTYPES[dtype])
     else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=DTYPES[dtype])
+        pipe = _from_pretrained(name_or_path, DTYPES[dtype], TINY_PIPELINES)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
