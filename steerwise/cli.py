@@ -143,7 +143,9 @@ def colour_terminal(con: Console | None = None) -> bool:
     """Whether ``con`` (default: the CLI's console) shows colours: a terminal, not ``TERM=dumb``,
     no ``NO_COLOR``."""
     con = con or console
-    return con.color_system is not None and not con.no_color
+    if os.environ.get("NO_COLOR", "") or os.environ.get("TERM", "").lower() in ("dumb", "unknown"):
+        return False
+    return con.is_terminal and con.color_system is not None and not con.no_color
 
 
 def _token_label(tok: str) -> str:

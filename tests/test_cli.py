@@ -77,3 +77,20 @@ def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
 def test_sites_command(model_dir, capsys):
     assert main(["sites", "--model", str(model_dir)]) == 0
     assert "model.layers.0.self_attn.o_proj (input)" in capsys.readouterr().out
+
+
+def test_diffusion_fit_shows_progress_over_the_collection(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from steerwise.diffusion.prompts import preset
+
+    sets = preset("banana-blurry")
+    for name in ("source", "control", "target"):
+        (tmp_path / f"{name}.txt").write_text("\n".join(sets[name][:6]))
+    rc = main(["diffusion", "fit", "--pipeline", "tiny-sd", "--source", str(tmp_path / "source.txt"),
+               "--control", str(tmp_path / "control.txt"), "--target", str(tmp_path / "target.txt"),
+               "--steps", "2", "--height", "32", "--width", "32", "--batch-size", "4",
+               "--cv-folds", "3", "--threshold", "0", "--layers", "0", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    # 3 sets x 2 batches (6 prompts, 4 per batch) x 2 steps = 12 denoiser calls
+    assert "collecting activations" in err and "12/12" in err

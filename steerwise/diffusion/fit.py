@@ -197,7 +197,11 @@ def _progress_bar(denoiser: Any, calls: int, enabled: bool) -> Iterator[None]:
     """A progress bar over the denoiser's forward calls (one per denoising step and batch)."""
     bar = tqdm(total=calls, desc="collecting activations", unit="step", disable=not enabled,
                leave=False)
-    handle = denoiser.register_forward_pre_hook(lambda *_: bar.update(1))
+
+    def tick(*_: Any) -> None:
+        bar.update(1)
+
+    handle = denoiser.register_forward_pre_hook(tick)
     try:
         yield
     finally:
