@@ -1,6 +1,6 @@
 """Fit a diffusion steering from prompts: pooled denoiser activations → maps and gates → Recipe.
 
-Three prompt sets, as in the DSAS paper's diffusion experiment (Ferrando et al., *Dynamically Scaled Activation Steering*; docs/algorithms.md):
+Three prompt sets, as in the DSAS paper's diffusion experiment (docs/algorithms.md §4):
 
 * ``source`` S — prompts with the concept the steering should act on ("a photo of a banana");
 * ``control`` C — prompts without it ("a photo of a car"): the gates learn S (1) vs C (0);
