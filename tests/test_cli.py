@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import make_model, make_tokenizer
+
 from steerwise.cli import main
 from steerwise.data import load_texts
 from steerwise.recipe import Recipe

@@ -15,28 +15,14 @@ import pytest
 import transformers
 from rich.console import Console
 
-import steerwise.cli as cli
-from conftest import make_model, make_tokenizer
+from steerwise import cli
 from steerwise.cli import build_parser, main
-
-FRUIT = ["the apple is sweet and ripe", "a pear is a sweet fruit", "the banana is ripe and sweet",
-         "sweet apple and ripe pear", "a ripe banana is a fruit", "the pear was sweet and good"]
-OTHER = ["the car is fast on the road", "a dog runs in the rain", "the rain is cold and bad",
-         "the train was fast and big", "a cat sleeps in the sun", "the band song is good music"]
 
 
 def error_line(capsys_or_capfd) -> str:
     lines = [line for line in capsys_or_capfd.readouterr().err.splitlines() if line.strip()]
     assert lines, "nothing on stderr"
     return lines[-1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    make_model("qwen2").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
 
 
 @pytest.fixture
@@ -88,8 +74,8 @@ def test_misspelled_tiny_pipeline_is_one_line(capfd):
     pytest.importorskip("diffusers")
     assert main(["diffusion", "sites", "--pipeline", "tiny-sdd"]) == 2
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    assert err == ["steerwise diffusion sites: error: unknown pipeline 'tiny-sdd' "
-                   "(did you mean tiny-sd?); built-in pipelines: tiny-sd, tiny-sd3"]
+    assert err == [("steerwise diffusion sites: error: unknown pipeline 'tiny-sdd' "
+                    "(did you mean tiny-sd?); built-in pipelines: tiny-sd, tiny-sd3")]
 
 
 # ------------------------------------------------------------------------- files
@@ -202,7 +188,7 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
 
 def test_usage_errors_are_one_line_on_stderr_from_a_shell():
     out = subprocess.run([sys.executable, "-m", "steerwise.cli", "demo", "--n-prompts", "0"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == ("steerwise demo: error: argument --n-prompts: expected an integer >= 1, "
                           "got '0' (see steerwise demo --help)\n")
@@ -272,8 +258,9 @@ def _explain(recipe_dir) -> int:
 
 
 # the prompt's tokens, "|", the generated tokens (the last one never went through the model: "-")
-NUMBERS = re.compile(r"^gate per token \(mean over 2 sites\): (<bos>:\d\.\d\d )?my:\d\.\d\d uncle:\d\.\d\d "
-                     r"washed:\d\.\d\d a:\d\.\d\d \| \S+:\d\.\d\d \S+:\d\.\d\d \S+:-$", re.M)
+NUMBERS = re.compile(r"^gate per token \(mean over 2 sites\): (<bos>:\d\.\d\d )?"
+                     r"my:\d\.\d\d uncle:\d\.\d\d washed:\d\.\d\d a:\d\.\d\d \| "
+                     r"\S+:\d\.\d\d \S+:\d\.\d\d \S+:-$", re.MULTILINE)
 
 
 def test_explain_without_a_terminal_prints_numbers(recipe_dir, capsys):
