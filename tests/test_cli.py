@@ -79,7 +79,7 @@ def test_sites_command(model_dir, capsys):
     assert "model.layers.0.self_attn.o_proj (input)" in capsys.readouterr().out
 
 
-def test_diffusion_fit_shows_progress_over_the_collection(tmp_path, capsys):
+def test_diffusion_fit_and_generate_show_progress(tmp_path, capsys):
     pytest.importorskip("diffusers")
     from steerwise.diffusion.prompts import preset
 
@@ -94,3 +94,8 @@ def test_diffusion_fit_shows_progress_over_the_collection(tmp_path, capsys):
     err = capsys.readouterr().err
     # 3 sets x 2 batches (6 prompts, 4 per batch) x 2 steps = 12 denoiser calls
     assert "collecting activations" in err and "12/12" in err
+    rc = main(["diffusion", "generate", "--pipeline", "tiny-sd", "--recipe", str(tmp_path / "r"),
+               "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "img"),
+               "a banana"])
+    assert rc == 0
+    assert "denoising" in capsys.readouterr().err and (tmp_path / "img" / "steered-0.png").is_file()

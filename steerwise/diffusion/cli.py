@@ -98,6 +98,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     console = _console()
     pipe = load_pipeline(args.pipeline, dtype=args.dtype, device=args.device)
+    if hasattr(pipe, "set_progress_bar_config"):  # denoising is the long part: show its steps
+        pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")
     recipe = Recipe.from_pretrained(args.recipe) if args.recipe else None
     if recipe is not None and args.ungated:
         from .generate import without_gates
