@@ -5,7 +5,7 @@ with pear) is applied two ways: uniformly (vanilla CAA) and gated by DSAS (per-l
 fruit context vs other topics). Vanilla CAA pushes "pear" into every continuation; CAA + DSAS
 mostly only into fruit contexts. The demo prints examples side by side with the gate value of
 every token, and the measured share of continuations that mention "pear" over many prompts.
-Runs offline on 2 CPU cores in well under a minute.
+Runs offline; about 1.4 CPU-minutes on 2 CPU cores (see the README's timing table).
 """
 
 from __future__ import annotations
