@@ -97,6 +97,26 @@ def test_bad_json_line_names_file_line_and_column(tmp_path, capsys, no_hub):
                                   "at column 10)")
 
 
+def test_non_utf8_task_file_names_file_and_line(tmp_path, capsys, no_hub):
+    task = tmp_path / "t.jsonl"
+    task.write_bytes(b'{"prompt": "a b", "correct": "x", "wrong": "y"}\n{"prompt": "caf\xe9"}\n')
+    assert main(["scale", "fit", "--task", str(task), "--out", str(tmp_path / "r")]) == 2
+    assert error_line(capsys) == (f"steerwise scale fit: error: {task}:2: not UTF-8 text (byte 0xe9 "
+                                  "at column 16); save the file as UTF-8")
+
+
+def test_non_utf8_and_bad_json_in_evaluation_files(tmp_path):
+    from steerwise.eval.data import read_jsonl
+
+    bad = tmp_path / "c.jsonl"
+    bad.write_bytes(b'{"prompt": "p", "continuation": "c"}\n\xff\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: not UTF-8 text \(byte 0xff at column 1\)"):
+        read_jsonl(bad)
+    bad.write_text('{"prompt": "p"}\n\n{"prompt": }\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl:3: not valid JSON \(Expecting value at column 12\)"):
+        read_jsonl(bad)
+
+
 def test_directory_given_as_text_file(tmp_path, capsys, no_hub):
     assert main(["fit", "--source", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert error_line(capsys) == (f"steerwise fit: error: {tmp_path} is a directory, not a "
