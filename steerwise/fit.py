@@ -1,6 +1,6 @@
 """Fit a steering from example texts: activations → maps (how) and gates (when) → Recipe.
 
-Sets (ALGORITHMS.md notation): ``source`` S = behaviour to remove or the context to act in,
+Sets (docs/algorithms.md notation): ``source`` S = behaviour to remove or the context to act in,
 ``target`` T = the behaviour to move towards, ``control`` C = neutral text steering must leave
 alone. Maps are fitted S → T; DSAS gates S (label 1) vs C (label 0). When no target set is
 given, the control set serves as the target (the usual toxicity set-up: toxic → neutral).

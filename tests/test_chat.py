@@ -106,4 +106,4 @@ def test_cli_chat_without_template_fails_with_the_reason(capsys):
     rc = main(["generate", "--model", "concept-lm", "--chat", "user", "--max-new-tokens", "2",
                "the apple"])
     assert rc == 2
-    assert "no chat template" in capsys.readouterr().out
+    assert "no chat template" in capsys.readouterr().err

@@ -244,4 +244,4 @@ def test_without_lm_eval_the_command_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     monkeypatch.delitem(sys.modules, "steerwise.harness", raising=False)
     assert main(["harness", "--model", "concept-lm", "--", "--tasks", "sw_mc"]) == 2
-    assert "pip install 'steerwise[harness]'" in capsys.readouterr().out
+    assert "pip install 'steerwise[harness]'" in capsys.readouterr().err
