@@ -152,6 +152,9 @@ def generate(
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts given")
+    empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if empty:
+        raise ValueError(f"prompt #{empty[0]} is empty or not a string; give some text")
     if explain and recipe is None:
         raise ValueError("explain=True needs a recipe (there are no gates to show)")
     ensure_pad_token(tokenizer)
