@@ -8,6 +8,8 @@ CI_PYTHON=${CI_PYTHON:-python3}
 export CI_ROOT CI_VENVS CI_PYTHON
 # The test suite never reaches a model hub (tests build tiny models or read ../shared).
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Readable CI logs: no progress bars from pip.
+export PIP_PROGRESS_BAR=off
 
 # ci_fresh_venv NAME: delete and recreate $CI_VENVS/NAME, then activate it.
 ci_fresh_venv() {

@@ -1,5 +1,7 @@
 """Invariants of steering hooks, on tiny random models of every tested family."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import FAMILIES, make_model, random_recipe
@@ -187,6 +189,8 @@ def test_decoding_steps_are_not_new_sequences_whatever_the_cache_keyword(keyword
     from steerwise.hooks import SteeringHandle
 
     model = make_model("llama")
+    if keyword == "cache" and "cache" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers (< 5.24) has no `cache=` keyword: the model would ignore it")
     recipe = random_recipe(model)
     ids = torch.tensor([IDS[0]])
     with SteeringHandle(model, recipe.entries, 1.0, trace=True) as handle, torch.no_grad():
