@@ -63,9 +63,12 @@ def resolve_recipe_dir(
         return path
     at = f" at revision {revision!r}" if revision else ""
     try:
+        # Offline mode passed on as local_files_only: huggingface_hub 1.33 (what transformers 5.0
+        # gets) otherwise lists a commit-hash revision on the Hub even when offline, and fails.
         return Path(snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-            token=token, allow_patterns=list(RECIPE_FILES),
+            name, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only or constants.is_offline_mode(),
+            allow_patterns=list(RECIPE_FILES),
         ))
     except LocalEntryNotFoundError:
         offline = local_files_only or constants.is_offline_mode()
