@@ -142,7 +142,7 @@ def test_cli_equals_python_route(tasks_dir, manager, tmp_path):
 @needs_lm_eval
 def test_cli_needs_tasks(capsys):
     assert main(["harness", "--model", "concept-lm", "--", "--limit", "1"]) == 2
-    assert "--tasks" in capsys.readouterr().out
+    assert "--tasks" in capsys.readouterr().err
 
 
 def mmlu_question(subject: str, i: int) -> MMLUQuestion:
