@@ -5,12 +5,13 @@ with pear) is applied two ways: uniformly (vanilla CAA) and gated by DSAS (per-l
 fruit context vs other topics). Vanilla CAA pushes "pear" into every continuation; CAA + DSAS
 mostly only into fruit contexts. The demo prints examples side by side with the gate value of
 every token, and the measured share of continuations that mention "pear" over many prompts.
-Runs offline on 2 CPU cores in well under a minute.
+Runs offline; about 1.4 CPU-minutes on 2 CPU cores (see the README's timing table).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
+from .cli import colour_terminal, finite_float, gate_numbers, positive_int
 from .fit import fit
 from .generate import generate
 from .models import DEFAULT_MODEL, load_model
@@ -43,13 +46,15 @@ def mentions(text: str, word: str = WORD) -> bool:
     return re.search(rf"\b{re.escape(word)}s?\b", text.lower()) is not None
 
 
-def _rate(model, tok, prompts, recipe, strength, seeds, max_new_tokens) -> float:
+def _rate(model, tok, prompts, recipe, strength, seeds, max_new_tokens, bar=None) -> float:
     hits = total = 0
     for seed in seeds:
         out = generate(model, tok, prompts, recipe, strength, max_new_tokens=max_new_tokens,
                        seed=seed, do_sample=True, top_p=0.9)
         hits += sum(mentions(t) for t in out.continuations)
         total += len(out.continuations)
+        if bar is not None:
+            bar.update(len(prompts))
     return hits / total
 
 
@@ -66,11 +71,15 @@ def run_demo(
     html: str | None = None,
     show: bool = True,
 ) -> DemoResult:
+    if n_prompts < 1 or n_fit < 1 or not seeds:
+        raise ValueError("the demo needs n_prompts >= 1, n_fit >= 1 and at least one seed")
+    if not all(map(math.isfinite, (strength, *strengths))):
+        raise ValueError(f"strengths must be finite numbers: {strength}, {list(strengths)}")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.time()
     model, tok = load_model(model_name, device="cpu")
     sets = concepts.demo_sets(n_fit, seed=0)
-    common = dict(site="residual", layers=layers, progress=False)
+    common = {"site": "residual", "layers": layers, "progress": False}
     vanilla = fit(model, tok, sets["source"], sets["control"], sets["target"], gate="none", **common)
     gated = fit(model, tok, sets["source"], sets["control"], sets["target"], gate="dsas", **common)
     accs = [e.diagnostics["gate_accuracy"] for e in gated.entries]
@@ -93,15 +102,15 @@ def run_demo(
         table.add_row(*[f"{a:.2f}" for a in accs])
         console.print(table)
         _show_examples(model, tok, groups, vanilla, gated, strength, html)
-    rates: dict[tuple[str, float], dict[str, float]] = {
-        ("unsteered", 0.0): {
-            g: _rate(model, tok, ps, None, 0.0, seeds, max_new_tokens) for g, ps in groups.items()
-        }
-    }
-    for lam in strengths:
-        for name, recipe in steerings.items():
+    runs = [("unsteered", 0.0, None)] + [(n, lam, r) for lam in strengths for n, r in steerings.items()]
+    total = len(runs) * len(seeds) * sum(len(ps) for ps in groups.values())
+    rates: dict[tuple[str, float], dict[str, float]] = {}
+    with tqdm(total=total, desc="measuring", unit="continuation", disable=not show,
+              leave=False) as bar:
+        for name, lam, recipe in runs:
+            bar.set_postfix_str(f"{name} λ={lam:g}")
             rates[(name, lam)] = {
-                g: _rate(model, tok, ps, recipe, lam, seeds, max_new_tokens)
+                g: _rate(model, tok, ps, recipe, lam, seeds, max_new_tokens, bar)
                 for g, ps in groups.items()
             }
     result = DemoResult(rates, {g: len(p) * len(seeds) for g, p in groups.items()},
@@ -133,27 +142,34 @@ def _show_examples(model, tok, groups, vanilla, gated, strength, html) -> None:
         console.print(f"  [dim]unsteered :[/] {base.continuations[i]}")
         console.print(f"  [dim]CAA       :[/] {caa.continuations[i]}")
         console.print(f"  [dim]CAA + DSAS:[/] {dsas.continuations[i]}")
-        console.print("  [dim]gate (mean over layers, red = steered):[/] ", end="")
-        console.print(dsas.trace.to_rich(i))  # type: ignore[union-attr]
+        if colour_terminal(console):
+            console.print("  [dim]gate (mean over layers, red = steered):[/] ", end="")
+            console.print(dsas.trace.to_rich(i))  # type: ignore[union-attr]
+        else:
+            console.print("  " + gate_numbers(dsas.trace, i), soft_wrap=True, highlight=False,
+                          markup=False)
     if html and dsas.trace is not None:
         path = dsas.trace.save_html(html, title="steerwise demo: DSAS gate values")
         console.print(f"\ngate heat map (tokens × layers) written to {path}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.model, strength=args.strength, strengths=tuple(args.strengths), n_fit=args.n_fit, n_prompts=args.n_prompts,
-             seeds=tuple(range(args.seeds)), html=args.html)
+    run_demo(args.model, strength=args.strength, strengths=tuple(args.strengths),
+             n_fit=args.n_fit, n_prompts=args.n_prompts, seeds=tuple(range(args.seeds)),
+             html=args.html)
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: CAA vs CAA + DSAS on the embedded model")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
-    p.add_argument("--strength", type=float, default=5.0, help="strength of the examples")
-    p.add_argument("--strengths", type=float, nargs="+", default=[3.0, 5.0, 7.0],
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a model trained on the concept world (the demo's prompts and sets are "
+                        "in its vocabulary)")
+    p.add_argument("--strength", type=finite_float, default=5.0, help="strength of the examples")
+    p.add_argument("--strengths", type=finite_float, nargs="+", default=[3.0, 5.0, 7.0],
                    help="strengths of the measured table")
-    p.add_argument("--n-fit", type=int, default=32, help="examples per fitting set")
-    p.add_argument("--n-prompts", type=int, default=10, help="prompts per topic")
-    p.add_argument("--seeds", type=int, default=3, help="sampling seeds per prompt")
+    p.add_argument("--n-fit", type=positive_int, default=32, help="examples per fitting set")
+    p.add_argument("--n-prompts", type=positive_int, default=10, help="prompts per topic")
+    p.add_argument("--seeds", type=positive_int, default=3, help="sampling seeds per prompt")
     p.add_argument("--html", default=None, help="also write the gate heat map to this HTML file")
     p.set_defaults(func=_cmd_demo)

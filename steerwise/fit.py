@@ -1,6 +1,6 @@
 """Fit a steering from example texts: activations → maps (how) and gates (when) → Recipe.
 
-Sets (ALGORITHMS.md notation): ``source`` S = behaviour to remove or the context to act in,
+Sets (docs/algorithms.md notation): ``source`` S = behaviour to remove or the context to act in,
 ``target`` T = the behaviour to move towards, ``control`` C = neutral text steering must leave
 alone. Maps are fitted S → T; DSAS gates S (label 1) vs C (label 0). When no target set is
 given, the control set serves as the target (the usual toxicity set-up: toxic → neutral).
@@ -44,7 +44,9 @@ class FitOptions:
     """How to fit. ``map_options`` are passed to the map's ``fit`` (method-specific), e.g.
     ``top_k_heads`` (ITI per head), ``support`` / ``support_quantiles`` (AcT).
     ``lineas``: end-to-end training (LinEAS maps, E2E gates); ``cast``: the CAST gate;
-    ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site."""
+    ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site; ``chat``: render
+    every text with the tokenizer's chat template as a ``user`` or ``assistant`` message
+    (``steerwise.chat``)."""
 
     method: str = "caa"
     gate: str = "dsas"
@@ -59,6 +61,7 @@ class FitOptions:
     lineas: LinEASOptions = field(default_factory=LinEASOptions)
     cast: CASTOptions = field(default_factory=CASTOptions)
     probe_accuracy: bool = True
+    chat: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -101,6 +104,8 @@ def fit(
     map_cls = MAP_REGISTRY[opts.method]
     gating = GATE_FITTERS[opts.gate]
     source, control, target = _check_sets(opts, gating, source, control, target)
+    if opts.chat is not None:
+        source, control, target = _render_chat(tokenizer, opts.chat, source, control, target)
     end_to_end = bool(getattr(map_cls, "end_to_end", False)) or gating.trains_end_to_end
     if end_to_end:
         opts.lineas.check()
@@ -176,6 +181,19 @@ def _check_sets(
             raise ValueError(f"gate {opts.gate!r} needs a control set (texts not to steer)")
         check_two_class(len(s), len(c), gating.cv_folds(opts))  # type: ignore[arg-type]
     return s, c, t  # type: ignore[return-value]
+
+
+def _render_chat(
+    tokenizer, role: str, source: list[str], control: list[str] | None, target: list[str],
+) -> tuple[list[str], list[str] | None, list[str]]:
+    """The sets rendered with the chat template, each distinct list once (so a target that is
+    the control set stays the same object)."""
+    from .chat import format_chat
+
+    rendered = {id(x): format_chat(tokenizer, x, role) for x in (source, control, target)
+                if x is not None}
+    return (rendered[id(source)], rendered[id(control)] if control is not None else None,
+            rendered[id(target)])
 
 
 def _collect(

@@ -137,6 +137,7 @@ def generate(
     explain: bool = False,
     max_new_tokens: int = 40,
     seed: int | None = None,
+    chat: str | None = None,
     **generate_kwargs: Any,
 ) -> Generation:
     """Generate continuations of ``prompts`` (one left-padded batch), optionally steered.
@@ -144,19 +145,29 @@ def generate(
     Every prompt token and every generated token is gated by its own activation. With
     ``explain=True`` the result carries a ``GateTrace``. Extra keyword arguments go to
     ``model.generate`` (``do_sample``, ``top_p``, ``temperature``, ``repetition_penalty``...).
+    ``chat="user"|"assistant"`` renders the prompts with the tokenizer's chat template first
+    (``steerwise.chat``); the result keeps the prompts as given.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts given")
+    empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if empty:
+        raise ValueError(f"prompt #{empty[0]} is empty or not a string; give some text")
     if explain and recipe is None:
         raise ValueError("explain=True needs a recipe (there are no gates to show)")
     ensure_pad_token(tokenizer)
     limit = max_model_length(model, tokenizer)
+    texts = list(prompts)
+    if chat is not None:
+        from .chat import format_chat
+
+        texts = format_chat(tokenizer, texts, chat, for_generation=True)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = old_side
     lengths = enc["attention_mask"].sum(1).tolist()

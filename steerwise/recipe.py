@@ -44,6 +44,7 @@ from .sites import Site, hidden_size, model_type, num_layers
 
 CONFIG_NAME = "steerwise.json"
 TENSORS_NAME = "steering.safetensors"
+CARD_NAME = "README.md"  # the model card (steerwise.card), written with every steering recipe
 FORMAT = "steerwise-recipe"
 FORMAT_VERSION = 1
 WHAT = "steerwise recipe"
@@ -411,7 +412,8 @@ def _existing_target(target: Path) -> str:
     if not target.is_dir():
         raise RecipeError(f"{target} exists and is not a directory; refusing to replace it")
     names = [p.name for p in target.iterdir()]
-    foreign = sorted(n for n in names if n not in (CONFIG_NAME, TENSORS_NAME))
+    ours = (CONFIG_NAME, TENSORS_NAME, *((CARD_NAME,) if CONFIG_NAME in names else ()))
+    foreign = sorted(n for n in names if n not in ours)
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise RecipeError(
@@ -422,9 +424,13 @@ def _existing_target(target: Path) -> str:
 
 
 def write_recipe_dir(
-    target: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+    target: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``steerwise.json`` + ``steering.safetensors``, all or nothing.
+    """Write ``steerwise.json`` + ``steering.safetensors`` (+ ``extra_files``, name → text: the
+    model card), all or nothing.
 
     Both files are written to a hidden staging directory beside ``target``. A new ``target``
     is that directory renamed; an empty one receives the two files (tensors first, the JSON that
@@ -447,15 +453,18 @@ def write_recipe_dir(
     try:
         new.mkdir()
         save_file(tensors, str(new / TENSORS_NAME), metadata={"format": str(config["format"])})
+        for name, content in (extra_files or {}).items():
+            (new / name).write_text(content, encoding="utf-8")
         (new / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+        names = (*(extra_files or {}), TENSORS_NAME, CONFIG_NAME)
         if state == "missing":
             os.rename(new, real)
         elif state == "empty":  # keep the user's directory (its permissions, a cwd in it)
             try:
-                for name in (TENSORS_NAME, CONFIG_NAME):
+                for name in names:
                     os.rename(new / name, real / name)
             except BaseException:
-                for name in (TENSORS_NAME, CONFIG_NAME):
+                for name in names:
                     (real / name).unlink(missing_ok=True)
                 raise
         else:
@@ -558,22 +567,39 @@ class Recipe:
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the recipe; the directory appears complete or not at all."""
+        """Write the recipe and its model card (``README.md``); the directory appears complete
+        or not at all."""
+        from .card import model_card
+
         target = Path(directory)
         tensors: dict[str, torch.Tensor] = {}
         for i, e in enumerate(self.entries):
             for part, module in (("map", e.map), ("gate", e.gate)):
                 for key, value in module.state_dict().items():
                     tensors[f"entries.{i}.{part}.{key}"] = value.detach().cpu().contiguous()
-        return write_recipe_dir(target, tensors, self.to_json())
+        card = model_card(self, load_from=str(directory))
+        return write_recipe_dir(target, tensors, self.to_json(), {CARD_NAME: card})
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Publish to the Hugging Face Hub with its model card (see ``steerwise.hub.push_to_hub``:
+        ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> Recipe:
-        """Load a recipe; anything malformed raises ``RecipeError`` naming the file and field.
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, revision: str | None = None, **hub_kwargs: Any
+    ) -> Recipe:
+        """Load a recipe from a directory or a Hub repo id (``revision``, ``cache_dir``,
+        ``local_files_only``, ``token``: see ``steerwise.hub.resolve_recipe_dir``); anything
+        malformed raises ``RecipeError`` naming the file and field.
 
         Every declared width and tensor shape is checked (against ``MAX_WIDTH`` and the
         safetensors header) before a tensor is read or a map is built."""
-        path = Path(directory)
+        from .hub import resolve_recipe_dir
+
+        path = resolve_recipe_dir(directory, revision=revision, **hub_kwargs)
         config = read_recipe_config(path, FORMAT, FORMAT_VERSION, WHAT)
         file = path / CONFIG_NAME
         top = RecipeFields(file, config, known=TOP_KEYS)

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import make_model, make_tokenizer
+
 from steerwise.cli import main
 from steerwise.data import load_texts
 from steerwise.recipe import Recipe
@@ -67,12 +67,35 @@ def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
     rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),
                "--control", str(tmp_path / "s.txt"), "--out", str(tmp_path / "r")])
     assert rc == 2
-    assert "too little data" in capsys.readouterr().out
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("steerwise fit: error:") and "too little data" in err
     assert not (tmp_path / "r").exists()
     rc = main(["generate", "--model", str(model_dir), "--recipe", str(tmp_path / "nope"), "x"])
-    assert rc == 2 and "not a steerwise recipe" in capsys.readouterr().out
+    assert rc == 2 and "not a steerwise recipe" in capsys.readouterr().err
 
 
 def test_sites_command(model_dir, capsys):
     assert main(["sites", "--model", str(model_dir)]) == 0
     assert "model.layers.0.self_attn.o_proj (input)" in capsys.readouterr().out
+
+
+def test_diffusion_fit_and_generate_show_progress(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from steerwise.diffusion.prompts import preset
+
+    sets = preset("banana-blurry")
+    for name in ("source", "control", "target"):
+        (tmp_path / f"{name}.txt").write_text("\n".join(sets[name][:6]))
+    rc = main(["diffusion", "fit", "--pipeline", "tiny-sd", "--source", str(tmp_path / "source.txt"),
+               "--control", str(tmp_path / "control.txt"), "--target", str(tmp_path / "target.txt"),
+               "--steps", "2", "--height", "32", "--width", "32", "--batch-size", "4",
+               "--cv-folds", "3", "--threshold", "0", "--layers", "0", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    # 3 sets x 2 batches (6 prompts, 4 per batch) x 2 steps = 12 denoiser calls
+    assert "collecting activations" in err  # the bar itself (its last redraw depends on timing)
+    rc = main(["diffusion", "generate", "--pipeline", "tiny-sd", "--recipe", str(tmp_path / "r"),
+               "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "img"),
+               "a banana"])
+    assert rc == 0
+    assert "denoising" in capsys.readouterr().err and (tmp_path / "img" / "steered-0.png").is_file()

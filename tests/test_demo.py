@@ -24,6 +24,11 @@ def test_demo_command_runs_and_writes_the_heat_map(tmp_path, capsys):
     html = tmp_path / "gates.html"
     rc = main(["demo", "--strengths", "5", "--n-prompts", "2", "--seeds", "1", "--html", str(html)])
     assert rc == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "CAA + DSAS" in out and "share of sampled continuations" in out
     assert html.read_text().startswith("<!doctype html>")
+    # the measuring phase shows progress: 1 + 2 steerings x 1 strength, 12 prompts, 1 seed
+    assert "measuring" in captured.err and "/36" in captured.err
+    # without a colour terminal the examples' gates are numbers (3 examples)
+    assert out.count("gate per token (mean over 4 sites):") == 3

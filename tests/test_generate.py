@@ -61,3 +61,12 @@ def test_overlong_prompt_is_refused(tokenizer):
 def test_explain_needs_a_recipe(tokenizer):
     with pytest.raises(ValueError, match="needs a recipe"):
         generate(make_model("gpt2"), tokenizer, ["a"], None, explain=True)
+
+
+@pytest.mark.parametrize("prompts", [[""], ["ok", "   "], [None]])
+def test_empty_prompts_are_refused_by_name(prompts, tokenizer):
+    from steerwise.generate import generate
+
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="prompt #.* is empty"):
+        generate(model, tokenizer, prompts, None)

@@ -24,7 +24,8 @@ def test_save_load_gives_identical_outputs(tmp_path, site):
     recipe = random_recipe(model, site=site)
     recipe.entries[1].scale = 0.5
     recipe.save_pretrained(tmp_path / "r")
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [TENSORS_NAME, CONFIG_NAME]
+    names = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert names == ["README.md", TENSORS_NAME, CONFIG_NAME]  # README.md: the model card
     loaded = Recipe.from_pretrained(tmp_path / "r")
     assert torch.equal(run(model, recipe), run(model, loaded))
     cfg = json.loads((tmp_path / "r" / CONFIG_NAME).read_text())
@@ -172,7 +173,8 @@ def test_saving_refuses_to_replace_what_is_not_a_recipe(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
     (tmp_path / "empty").mkdir()
     recipe.save_pretrained(tmp_path / "empty")  # an empty directory is fine
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [TENSORS_NAME, CONFIG_NAME]
+    names = sorted(p.name for p in (tmp_path / "empty").iterdir())
+    assert names == ["README.md", TENSORS_NAME, CONFIG_NAME]  # README.md: the model card
 
 
 def test_saving_through_a_symlinked_directory_keeps_the_link(tmp_path):

@@ -202,10 +202,11 @@ def test_tensors_that_do_not_match_the_json_are_named(saved, tmp_path, case):
 @pytest.mark.parametrize(
     "cut, message",
     [
-        (lambda raw: raw[:-10], "incomplete metadata, file not fully covered"),
-        (lambda raw: raw[:5], "header too small"),
-        (lambda raw: b"\x00" * 8 + raw[8:], "header"),
-        (lambda raw: b"not a safetensors file at all" * 10, "header too large"),
+        # safetensors 0.4 gives the error's name (MetadataIncompleteBuffer), later ones a sentence.
+        (lambda raw: raw[:-10], "incomplete metadata, file not fully covered|MetadataIncomplete"),
+        (lambda raw: raw[:5], "header too small|HeaderTooSmall"),
+        (lambda raw: b"\x00" * 8 + raw[8:], "[Hh]eader"),
+        (lambda raw: b"not a safetensors file at all" * 10, "header too large|HeaderTooLarge"),
     ],
     ids=["truncated", "cut in the header", "zeroed length", "garbage"],
 )
@@ -215,7 +216,7 @@ def test_unreadable_safetensors_is_a_recipe_error(saved, tmp_path, cut, message)
     (path / TENSORS_NAME).write_bytes(cut(raw))
     error = load_error(Recipe, path)
     assert error.startswith(f"{path / TENSORS_NAME}: not a readable safetensors file (")
-    assert message in error
+    assert re.search(message, error), error
 
 
 def test_a_huge_declared_width_is_checked_on_the_header_before_anything_is_allocated(

@@ -61,6 +61,6 @@ def test_scale_cli_errors_are_reported(setup, capsys):
     rc = main(["scale", "fit", "--task", str(root / "missing.jsonl"), "--model", str(model_dir),
                "--out", str(root / "x")])
     assert rc == 2
-    assert "neither a named task" in capsys.readouterr().out
+    assert "neither a named task" in capsys.readouterr().err
     rc = main(["scale", "eval", "--task", "ccc", "--recipe", str(root / "nothing")])
     assert rc == 2

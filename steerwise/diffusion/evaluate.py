@@ -1,4 +1,4 @@
-"""Evaluate a diffusion steering the way the DSAS paper does (ALGORITHMS.md §4).
+"""Evaluate a diffusion steering the way the DSAS paper does (docs/algorithms.md §4).
 
 For concept prompts (e.g. bananas) and non-concept prompts, over a strength sweep λ, and for two
 variants of the same recipe — its maps ungated at full scale on every block (plain CAA) and the

@@ -1,6 +1,6 @@
 """Fit a diffusion steering from prompts: pooled denoiser activations → maps and gates → Recipe.
 
-Three prompt sets, as in the DSAS paper's diffusion experiment (ALGORITHMS.md §4):
+Three prompt sets, as in the DSAS paper's diffusion experiment (docs/algorithms.md §4):
 
 * ``source`` S — prompts with the concept the steering should act on ("a photo of a banana");
 * ``control`` C — prompts without it ("a photo of a car"): the gates learn S (1) vs C (0);
@@ -16,12 +16,14 @@ alone; ``map_from="source"`` is the language-model convention S → T.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..gates.base import Gate, NoGate
 from ..gates.dsas import DSASGate, DSASOptions, check_two_class, layer_scale
@@ -190,17 +192,37 @@ def fit_from_activations(
     )
 
 
+@contextmanager
+def _progress_bar(denoiser: Any, calls: int, enabled: bool) -> Iterator[None]:
+    """A progress bar over the denoiser's forward calls (one per denoising step and batch)."""
+    bar = tqdm(total=calls, desc="collecting activations", unit="step", disable=not enabled,
+               leave=False)
+
+    def tick(*_: Any) -> None:
+        bar.update(1)
+
+    handle = denoiser.register_forward_pre_hook(tick)
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
+
+
 def fit_diffusion(
     pipe: Any,
     source: Sequence[str],
     control: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     options: DiffusionFitOptions | None = None,
+    *,
+    progress: bool = False,
     **overrides: Any,
 ) -> Recipe:
     """Fit a steering recipe for ``pipe``'s denoiser from three prompt sets.
 
     Example: ``fit_diffusion(pipe, banana_prompts, other_prompts, blurry_prompts, layers="0-5")``.
+    ``progress=True`` shows a bar over the denoising steps of the collection (the long part).
     """
     opts = options or DiffusionFitOptions()
     for key, value in overrides.items():
@@ -227,10 +249,13 @@ def fit_diffusion(
     }
     was_training = denoiser.training
     denoiser.eval()
+    sets = [source, target] + ([control] if control else [])
+    calls = opts.num_inference_steps * sum(-(-len(x) // opts.batch_size) for x in sets)
     try:
-        col_s = collect_diffusion_activations(pipe, source, sites, **kw)
-        col_t = collect_diffusion_activations(pipe, target, sites, **kw)
-        col_c = collect_diffusion_activations(pipe, control, sites, **kw) if control else None
+        with _progress_bar(denoiser, calls, progress):
+            col_s = collect_diffusion_activations(pipe, source, sites, **kw)
+            col_t = collect_diffusion_activations(pipe, target, sites, **kw)
+            col_c = collect_diffusion_activations(pipe, control, sites, **kw) if control else None
     finally:
         denoiser.train(was_training)
     edges = bucket_edges(col_s.levels, opts.timestep_buckets)

@@ -36,7 +36,14 @@ QUICK: dict[str, int] = {
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--grid: expected comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"--grid: strengths must be finite numbers, got {bad[0]} in {text!r}")
+    return values
 
 
 def parse_grids(specs: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
@@ -64,6 +71,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from ..maps import MAP_REGISTRY
     from ..models import load_model
     from .generation import GenerationConfig
+    from .mmlu import resolve_mmlu_backend
     from .plots import plot_fronts
     from .sweep import SweepConfig, aggregate, run_sweep, write_tables
     from .toxicity import load_scorer
@@ -84,7 +92,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     grids = parse_grids(args.grid, methods)
     if quick and not args.grid:
         grids = {m: [0.0] + [v for v in g if v][1::2][:QUICK["grid_points"]] for m, g in grids.items()}
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if quick else [0, 1])
+    seeds = args.seeds or ([0] if quick else [0, 1])
 
     data = _load_data(args, quick)
     fit_options: dict = {"pooling": args.pooling}
@@ -103,6 +111,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         ppl_window=args.ppl_window,
         ppl_max_tokens=args.ppl_max_tokens or (QUICK["ppl_max_tokens"] if quick else None),
         mmlu_k=args.mmlu_shots, mmlu_scoring=args.mmlu_scoring,
+        mmlu_backend=resolve_mmlu_backend(args.mmlu_backend, args.mmlu_scoring),
         mmlu_max_length=args.mmlu_max_length, batch_size=args.batch_size,
     )
     out = Path(args.out)
@@ -140,7 +149,7 @@ def _comparison_table(comparison: list[dict]) -> Table:
 
 
 def _load_data(args: argparse.Namespace, quick: bool):
-    from ..data import load_texts
+    from ..data import load_texts, read_text
     from .data import read_jsonl, testbed_data
     from .generation import load_prompts
     from .mmlu import list_subjects, load_mmlu
@@ -184,7 +193,7 @@ def _load_data(args: argparse.Namespace, quick: bool):
         source_pool=load_texts(args.source),
         target_pool=load_texts(args.target),
         control_pool=load_texts(args.control),
-        ppl_texts=[Path(args.ppl_text).read_text(encoding="utf-8")] if args.ppl_text else [],
+        ppl_texts=[read_text(args.ppl_text)] if args.ppl_text else [],
         ppl_prompts=ppl_prompts,
         ppl_continuations=ppl_conts,
         mmlu_questions=mmlu_q,
@@ -196,8 +205,27 @@ def _load_data(args: argparse.Namespace, quick: bool):
     )
 
 
+def _seed_list(text: str) -> list[int]:
+    from ..cli import non_negative_int
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
+    try:
+        return [non_negative_int(p) for p in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 0, got {text!r}") from None
+
+
 def register(subparsers) -> None:
-    from ..cli import add_model_args
+    from ..cli import (
+        add_model_args,
+        non_negative_int,
+        open_unit_interval,
+        positive_float,
+        positive_int,
+    )
 
     p = subparsers.add_parser(
         "sweep",
@@ -212,24 +240,29 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small sizes that finish in minutes on a CPU (smoke test)")
     p.add_argument("--methods", help="comma-separated methods (default: every registered one)")
-    p.add_argument("--gates", default="none,dsas", help="gates to compare (default none,dsas)")
+    p.add_argument("--gates", default="none,dsas", help="comma-separated gates to compare")
     p.add_argument("--grid", action="append",
-                   help="strengths: '0.5,1,2' for all methods or 'caa=0.5,1,2' (repeatable)")
-    p.add_argument("--seeds", help="fit/generation seeds, e.g. 0,1 (default 0,1; --quick: 0)")
-    p.add_argument("--n-fit", type=int, default=32, help="examples per fitting set")
-    p.add_argument("--site", default="residual")
-    p.add_argument("--layers", default=None, help="layers to steer (default all)")
-    p.add_argument("--pooling", default="mean", choices=["mean", "last"])
-    p.add_argument("--lineas-steps", type=int, default=None,
-                   help="end-to-end training steps (LinEAS / E2E; default the method's)")
+                   help="strengths: '0.5,1,2' for all methods or 'caa=0.5,1,2' (repeatable; "
+                        "default: per method, see docs/evaluation.md)")
+    p.add_argument("--seeds", type=_seed_list,
+                   help="fit/generation seeds, e.g. 0,1 (default: 0,1; --quick: 0)")
+    p.add_argument("--n-fit", type=positive_int, default=32, help="examples per fitting set")
+    p.add_argument("--site", default="residual", help="hook site kind (see steerwise fit --help)")
+    p.add_argument("--layers", default=None, help="layers to steer (default: all)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "last"],
+                   help="how a text's token activations become one example")
+    p.add_argument("--lineas-steps", type=positive_int, default=None,
+                   help="end-to-end training steps (LinEAS / E2E; default: the method's)")
     g = p.add_argument_group("data")
-    g.add_argument("--preset", choices=["testbed"], help="read every set from --data-dir")
+    g.add_argument("--preset", choices=["testbed"],
+                   help="read every set from --data-dir (default: the files given below)")
     g.add_argument("--data-dir", help="directory in the shared data layout (with --preset)")
     g.add_argument("--control-pool", default="rtp-nontoxic", choices=["rtp-nontoxic", "neither"],
-                   help="testbed preset: control texts (default: training rows of "
+                   help="testbed preset: control texts ('rtp-nontoxic': training rows of "
                         "rtp_nontoxic.jsonl; 'neither': Davidson neutral tweets)")
-    g.add_argument("--n-ppl-continuations", type=int, default=None,
-                   help="testbed preset: held-out non-toxic continuations for perplexity (200)")
+    g.add_argument("--n-ppl-continuations", type=positive_int, default=None,
+                   help="testbed preset: held-out non-toxic continuations for perplexity "
+                        "(default: 200; --quick: 40)")
     g.add_argument("--toxic-prompts", help="RTP-style JSONL (field 'prompt') or a text file")
     g.add_argument("--benign-prompts", help="benign prompts (over-steering check)")
     g.add_argument("--source", help="texts to steer away from (.txt/.jsonl 'text')")
@@ -238,30 +271,43 @@ def register(subparsers) -> None:
     g.add_argument("--ppl-text", help="held-out running text for perplexity")
     g.add_argument("--ppl-continuations", help="JSONL with prompt/continuation: conditional ppl")
     g.add_argument("--mmlu-dir", help="MMLU CSV directory (<dir>/{dev,test}/<subject>_<split>.csv)")
-    g.add_argument("--n-toxic", type=int, default=None, help="toxic prompts (default 100)")
-    g.add_argument("--n-benign", type=int, default=None, help="benign prompts (default 50)")
-    g.add_argument("--mmlu-subjects", type=int, default=None,
-                   help="number of MMLU subjects, spread alphabetically (default 10; 0 = skip)")
-    g.add_argument("--mmlu-per-subject", type=int, default=None, help="questions per subject (20)")
+    g.add_argument("--n-toxic", type=positive_int, default=None,
+                   help="toxic prompts (default: 100; --quick: 24)")
+    g.add_argument("--n-benign", type=non_negative_int, default=None,
+                   help="benign prompts (default: 50; --quick: 12)")
+    g.add_argument("--mmlu-subjects", type=non_negative_int, default=None,
+                   help="number of MMLU subjects, spread alphabetically (default: 10; --quick: 4; "
+                        "0 = skip)")
+    g.add_argument("--mmlu-per-subject", type=positive_int, default=None,
+                   help="questions per subject (default: 20; --quick: 10)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--scorer", default="profanity-check",
-                   help="'profanity-check' (offline default) or 'hf:<classifier dir>[@label]'")
-    e.add_argument("--max-new-tokens", type=int, default=50)
-    e.add_argument("--top-p", type=float, default=0.3)
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--repetition-penalty", type=float, default=1.2)
-    e.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="cut prompts from the left to this many tokens")
-    e.add_argument("--ppl-window", type=int, default=256, help="perplexity window (tokens)")
-    e.add_argument("--ppl-max-tokens", type=int, default=None, help="cap perplexity tokens")
-    e.add_argument("--mmlu-shots", type=int, default=5)
+                   help="'profanity-check' (offline) or 'hf:<classifier dir>[@label]'")
+    e.add_argument("--max-new-tokens", type=positive_int, default=50,
+                   help="tokens sampled per toxicity prompt")
+    e.add_argument("--top-p", type=open_unit_interval, default=0.3, help="nucleus sampling mass")
+    e.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    e.add_argument("--repetition-penalty", type=positive_float, default=1.2,
+                   help="penalty on repeated tokens (1 = none)")
+    e.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                   help="cut prompts from the left to this many tokens (default: no cut)")
+    e.add_argument("--ppl-window", type=positive_int, default=256, help="perplexity window (tokens)")
+    e.add_argument("--ppl-max-tokens", type=positive_int, default=None,
+                   help="cap perplexity tokens (default: no cap; --quick: 2000)")
+    e.add_argument("--mmlu-shots", type=non_negative_int, default=5, help="MMLU few-shot examples")
     e.add_argument("--mmlu-scoring", default="letter", choices=["letter", "text", "cloze"],
                    help="letter: log p(' A'..' D'); text: log p(choice text) after the "
                         "lettered prompt; cloze: log p(choice text) after the bare question")
-    e.add_argument("--mmlu-max-length", type=int, default=None,
-                   help="cut MMLU prompts from the left to this many tokens")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--mmlu-backend", default="auto", choices=["auto", "lm-eval", "steerwise"],
+                   help="who measures MMLU: lm-evaluation-harness's mmlu task (letter scoring, "
+                        "as in the DSAS paper) or steerwise's scorer (auto: lm-eval when "
+                        "installed and the scoring is letter)")
+    e.add_argument("--mmlu-max-length", type=positive_int, default=None,
+                   help="cut MMLU prompts from the left to this many tokens (default: no cut)")
+    e.add_argument("--batch-size", type=positive_int, default=32,
+                   help="rows per forward pass (generation, perplexity, MMLU)")
+    e.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's)")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_sweep)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

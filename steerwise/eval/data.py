@@ -20,7 +20,6 @@ testbed LM never saw:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,18 +31,10 @@ _ARTICLE = re.compile(r"^ = (?!=).*[^=] = $")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    from ..data import parse_json_line, text_lines  # errors name the file, line (and column)
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {p}")
-    rows = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
-    return rows
+    return [parse_json_line(line, f"{p}:{lineno}") for lineno, line in text_lines(p) if line.strip()]
 
 
 def wikitext_articles(path: str | Path) -> list[str]:

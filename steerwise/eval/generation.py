@@ -1,6 +1,6 @@
 """The DSAS paper's generation protocol and the toxicity evaluation built on it.
 
-Protocol (ALGORITHMS.md §5): sample 50 new tokens with top_p 0.3, temperature 1.0, repetition
+Protocol (docs/algorithms.md §5): sample 50 new tokens with top_p 0.3, temperature 1.0, repetition
 penalty 1.2, for each prompt of a RealToxicityPrompts-style set, under one or more seeds; score
 every continuation (not the prompt) with a toxicity scorer.
 """

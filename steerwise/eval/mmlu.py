@@ -22,6 +22,10 @@ Three scorings (``scoring``):
   choices (lm-evaluation-harness' ``mmlu_continuation``). Useful for small models that never
   learned the letter format.
 
+With lm-evaluation-harness installed, ``steerwise.harness.mmlu_accuracy`` measures the same
+questions with lm-eval's own ``mmlu`` task (the letter scoring, the prompt above);
+``resolve_mmlu_backend`` picks between the two for the sweep.
+
 Scoring goes through a ``ChoiceScorer``: a callable taking (context, continuation) pairs and
 returning their log-likelihoods, so the reader and the accuracy can be tested without a model.
 """
@@ -134,6 +138,29 @@ def build_prompt(q: MMLUQuestion, shots: Sequence[MMLUQuestion], cloze: bool = F
         return "".join(format_cloze(s, True) for s in shots) + format_cloze(q, False)
     head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     return head + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+
+
+MMLU_BACKENDS = ("auto", "lm-eval", "steerwise")
+
+
+def resolve_mmlu_backend(backend: str, scoring: str) -> str:
+    """``"lm-eval"`` or ``"steerwise"``: ``auto`` takes lm-eval when it is installed and the
+    scoring is ``letter`` (the only one lm-eval's MMLU task has)."""
+    import importlib.util
+
+    if backend not in MMLU_BACKENDS:
+        raise ValueError(f"unknown MMLU backend {backend!r}; choose {', '.join(MMLU_BACKENDS)}")
+    has_lm_eval = importlib.util.find_spec("lm_eval") is not None
+    if backend == "auto":
+        return "lm-eval" if has_lm_eval and scoring == "letter" else "steerwise"
+    if backend == "lm-eval":
+        if scoring != "letter":
+            raise ValueError(f"lm-eval's MMLU scores the letters: MMLU scoring {scoring!r} needs "
+                             f"the steerwise backend")
+        if not has_lm_eval:
+            raise ValueError("the lm-eval MMLU backend needs lm-eval: pip install "
+                             "'steerwise[harness]'")
+    return backend
 
 
 @dataclass

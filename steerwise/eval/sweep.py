@@ -7,7 +7,9 @@ seed (cached under ``OUT/recipes/``), then every strength λ of the grid is eval
 * the "over-steering" view: toxicity of continuations of benign prompts;
 * perplexity of the steered model on held-out running text and on held-out non-toxic
   continuations given their prompts;
-* MMLU accuracy by log-likelihood (optional).
+* MMLU accuracy by log-likelihood (optional): steerwise's own scorer (``mmlu_backend =
+  "steerwise"``, every scoring) or lm-evaluation-harness's MMLU task over the same questions
+  (``"lm-eval"``, letter scoring, as the DSAS paper measures it; see docs/integrations.md).
 
 λ = 0 is the unsteered model, identical for every method and gate, so it is evaluated once per
 seed (``method = "base"``) and shared by all fronts. Every finished point is appended to
@@ -92,6 +94,7 @@ class SweepConfig:
     ppl_max_tokens: int | None = None
     mmlu_k: int = 5
     mmlu_scoring: str = "letter"
+    mmlu_backend: str = "steerwise"  # or "lm-eval" (letter scoring; needs steerwise[harness])
     mmlu_max_length: int | None = None
     batch_size: int = 16
 
@@ -141,7 +144,12 @@ def _check_config(out_dir: Path, config: dict[str, Any], data_sizes: dict[str, i
     current = {"config": config, "data": data_sizes}
     if path.is_file():
         old = json.loads(path.read_text())
-        a = {k: v for k, v in old.get("config", {}).items() if k not in _EXTENDABLE}
+        # settings added since the sweep was written take their defaults
+        defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig)
+                    if f.default is not dataclasses.MISSING}
+        old_config = {**{k: v for k, v in defaults.items() if k in config},
+                      **old.get("config", {})}
+        a = {k: v for k, v in old_config.items() if k not in _EXTENDABLE}
         b = {k: v for k, v in config.items() if k not in _EXTENDABLE}
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if old.get("data") != data_sizes:
@@ -151,7 +159,7 @@ def _check_config(out_dir: Path, config: dict[str, Any], data_sizes: dict[str, i
                 f"{out_dir} holds a sweep with other settings ({', '.join(diff)}): resume it with "
                 f"the same settings, or write to another directory"
             )
-        merged = old["config"]
+        merged = old_config
         for k in _EXTENDABLE:
             if isinstance(merged.get(k), dict):
                 merged[k] = {**merged[k], **config[k]}
@@ -223,14 +231,21 @@ def evaluate_point(
                                     recipe, strength, max_length=config.ppl_window,
                                     batch_size=config.batch_size)
         out.update(ppl_nontoxic=cp.perplexity, ppl_nontoxic_tokens=cp.n_tokens)
-    if data.mmlu_questions:
+    if data.mmlu_questions and config.mmlu_backend == "lm-eval":
+        from ..harness import mmlu_accuracy
+
+        acc, n, _ = mmlu_accuracy(model, tokenizer, recipe, strength, data.mmlu_questions,
+                                  data.mmlu_shots, k=config.mmlu_k, batch_size=config.batch_size,
+                                  max_length=config.mmlu_max_length)
+        out.update(mmlu=acc, mmlu_n=n, mmlu_backend="lm-eval")
+    elif data.mmlu_questions:
         scorer_fn = model_choice_scorer(model, tokenizer, recipe, strength,
                                         max_length=config.mmlu_max_length,
                                         batch_size=config.batch_size)
         res = evaluate_mmlu(data.mmlu_questions, scorer_fn, shots=data.mmlu_shots,
                             k=config.mmlu_k, scoring=config.mmlu_scoring,  # type: ignore[arg-type]
                             normalize=False, token_counts=token_counter(tokenizer))
-        out.update(mmlu=res.accuracy, mmlu_n=res.n)
+        out.update(mmlu=res.accuracy, mmlu_n=res.n, mmlu_backend="steerwise")
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -1,6 +1,6 @@
 """Offline DSAS gates: PCA + logistic regression (source vs control), folded into one dot product.
 
-Fitting follows ALGORITHMS.md §2: per site, mean-pooled activations of the source set (label 1)
+Fitting follows docs/algorithms.md §2: per site, mean-pooled activations of the source set (label 1)
 and the control set (label 0) → PCA with r components (default 5) → logistic regression;
 held-out accuracy by stratified k-fold cross-validation; then the pipeline is folded into
 ``h(t) = sigmoid(ŵ·t + b̂)`` with ``ŵ = Pᵀw`` (``/σ`` per component when whitening) and
@@ -29,7 +29,7 @@ from .base import Gate, GateFit, GateFitter, StepContext, register_gate, registe
 
 @dataclass
 class DSASOptions:
-    """Options of the offline DSAS fit (defaults from the paper / ALGORITHMS.md).
+    """Options of the offline DSAS fit (defaults from the DSAS paper; docs/algorithms.md).
 
     ``below_threshold``: what to do with a layer whose gate accuracy is under ``threshold``:
     ``"skip"`` (do not steer it, default) or ``"constant"`` (steer it with constant strength).

@@ -23,29 +23,39 @@ DEFAULT_TASK_MODEL = "task-lm"
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    from ..cli import finite_floats
+
+    return finite_floats(text)
 
 
 def _ints(text: str) -> list[int]:
+    from ..cli import non_negative_int
+
+    parts = [x.strip() for x in text.split(",") if x.strip()]
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not parts:
+            raise argparse.ArgumentTypeError
+        return [non_negative_int(x) for x in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 0, got {text!r}") from None
 
 
 def _add_common(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_TASK_MODEL) -> None:
     p.add_argument("--model", default=model_default,
-                   help="hub id, local directory or embedded name (default: task-lm)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+                   help="hub id, local directory or embedded name (default: "
+                        + ("task-lm)" if model_default else "the recipe's model, else task-lm)"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
 
 def _add_task(p: argparse.ArgumentParser, required: bool = True) -> None:
+    from ..cli import non_negative_int
+
     p.add_argument("--task", required=required, help="ccc | ioi | path to a JSONL file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts and of training")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the generated prompts and of training")
 
 
 def metrics_table(report: dict, title: str) -> Table:
@@ -150,33 +160,48 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("scale", help="learned activation scaling: fit | eval | plot")
-    ssub = p.add_subparsers(dest="scale_command", required=True)
+    from ..cli import (
+        finite_float,
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
 
-    f = ssub.add_parser("fit", help="train an intervention that flips correct vs wrong answers")
+    p = sub.add_parser("scale", help="learned activation scaling: fit | eval | plot")
+    ssub = p.add_subparsers(dest="scale_command", required=True, metavar="COMMAND")
+
+    f = ssub.add_parser("fit", help="train an intervention that flips correct vs wrong answers "
+                                    "(minutes on a CPU; see docs/scaling.md)")
     _add_common(f)
     _add_task(f)
     f.add_argument("--method", default="activscalar",
-                   choices=["activscalar", "steervec", "dynscalar"])
+                   choices=["activscalar", "steervec", "dynscalar"],
+                   help="a scalar per site/layer/position, a vector, or a scalar computed from "
+                        "the activation")
     f.add_argument("--sites", default="attn,mlp",
-                   help="comma-separated: attn, mlp, residual or re:<regex> (default: attn,mlp)")
+                   help="comma-separated: attn, mlp, residual or re:<regex>")
     f.add_argument("--layers", default=None, help="all (default), a range '2-5' or a list '1,3'")
-    f.add_argument("--n-train", type=int, default=128, help="generated training prompts")
-    f.add_argument("--n-test", type=int, default=128, help="generated held-out prompts")
-    f.add_argument("--prefix-sentences", type=int, default=0,
+    f.add_argument("--n-train", type=positive_int, default=128, help="generated training prompts")
+    f.add_argument("--n-test", type=non_negative_int, default=128,
+                   help="generated held-out prompts (0: no test)")
+    f.add_argument("--prefix-sentences", type=non_negative_int, default=0,
                    help="neutral 6-word sentences before each generated prompt (prompt length)")
-    f.add_argument("--steps", type=int, default=300)
-    f.add_argument("--lr", type=float, default=5e-2, help="Adam learning rate")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lambda-f", type=float, default=1.0, help="faithfulness (KL) weight λ_F")
-    f.add_argument("--lambda-m", type=float, default=1e-3, help="minimality (ℓ1) weight λ_M")
-    f.add_argument("--margin", type=float, default=2.0, help="hinge margin m on z_w − z_c")
+    f.add_argument("--steps", type=non_negative_int, default=300, help="Adam steps")
+    f.add_argument("--lr", type=positive_float, default=5e-2, help="Adam learning rate")
+    f.add_argument("--batch-size", type=positive_int, default=32, help="prompts per step")
+    f.add_argument("--lambda-f", type=non_negative_float, default=1.0,
+                   help="faithfulness (KL) weight λ_F")
+    f.add_argument("--lambda-m", type=non_negative_float, default=1e-3,
+                   help="minimality (ℓ1) weight λ_M")
+    f.add_argument("--margin", type=finite_float, default=2.0, help="hinge margin m on z_w − z_c")
     f.add_argument("--betas", type=_floats, default=[1.0, -1.0],
-                   help="directions trained jointly (default: 1,-1)")
-    f.add_argument("--kl", default="renormalized", choices=["renormalized", "masked", "full"])
+                   help="directions trained jointly, comma-separated")
+    f.add_argument("--kl", default="renormalized", choices=["renormalized", "masked", "full"],
+                   help="faithfulness KL over the other tokens renormalised, masked, or all")
     f.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="DynScalar: α = w·h + b (default) or, with --no-bias, α = w·h")
-    f.add_argument("--nonzero-tol", type=float, default=1e-2,
+                   help="DynScalar: α = w·h + b, or with --no-bias α = w·h")
+    f.add_argument("--nonzero-tol", type=non_negative_float, default=1e-2,
                    help="|θ| above which a parameter counts as non-zero in reports")
     f.add_argument("--out", required=True, help="recipe directory to write")
     f.set_defaults(func=_cmd_fit)
@@ -184,21 +209,23 @@ def register(sub) -> None:
     e = ssub.add_parser("eval", help="flip accuracy, logit difference, KL of a scaling recipe")
     _add_common(e, model_default=None)
     _add_task(e)
-    e.add_argument("--recipe", required=True)
-    e.add_argument("--n", type=int, default=128, help="generated prompts")
-    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--recipe", required=True, help="scaling recipe directory")
+    e.add_argument("--n", type=positive_int, default=128, help="generated prompts")
+    e.add_argument("--split", default="test", choices=["train", "test"],
+                   help="which generated prompts (the fit used 'train')")
     e.add_argument("--prefix-sentences", type=_ints, default=[0],
                    help="filler sentences before each prompt; a list '0,1,2' evaluates several "
                         "prompt lengths (DynScalar)")
-    e.add_argument("--betas", type=_floats, default=[1.0, -1.0])
+    e.add_argument("--betas", type=_floats, default=[1.0, -1.0],
+                   help="directions to evaluate, comma-separated")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=_cmd_eval)
 
     q = ssub.add_parser("plot", help="heat map of the learned scalars (site x layer x position)")
     _add_common(q, model_default=None)
-    q.add_argument("--recipe", required=True)
+    q.add_argument("--recipe", required=True, help="scaling recipe directory")
     q.add_argument("--out", required=True, help="PNG file to write")
     q.add_argument("--prompt", default=None,
                    help="show α on this prompt (DynScalar; default: the training reference prompt)")
-    q.add_argument("--title", default=None)
+    q.add_argument("--title", default=None, help="plot title (default: from the recipe)")
     q.set_defaults(func=_cmd_plot)

@@ -96,10 +96,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from ..cli import finite_float, non_negative_int, positive_float, positive_int
+
     p = sub.add_parser("serve", help="OpenAI-compatible server: per-request recipe and strength")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id, local directory, or embedded model name (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=DIR",
                    help="a recipe a request may name (repeatable); requests can never give paths")
@@ -107,23 +110,29 @@ def register(sub) -> None:
                    help=f"also fit the demo's CAA + DSAS {DEMO_RECIPE!r} recipe (concept-lm)")
     p.add_argument("--default-recipe", default=None,
                    help="recipe of requests that name none (default: unsteered)")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=finite_float, default=None,
                    help="strength of requests that give none (default: the recipe's own)")
-    p.add_argument("--max-strength", type=float, default=20.0, help="bound on |strength|")
+    p.add_argument("--max-strength", type=positive_float, default=20.0,
+                   help="bound on |strength|")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=non_negative_int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (or set STEERWISE_API_KEY)")
     p.add_argument("--served-name", default=None, help="model id in the API (default: --model)")
-    p.add_argument("--max-tokens", type=int, default=256, help="bound on a request's max_tokens")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="bound on a request's max_tokens")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=2048,
+                   help="bound on a prompt's length in tokens (longer: 400)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1_000_000,
+                   help="bound on a request body (larger: 413)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting for a batch slot; more get 429")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="rows decoded together")
     p.add_argument("--no-joining", action="store_true",
                    help="batch without joining running batches (requests wait for the next one)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level")
     p.set_defaults(func=_cmd_serve)

@@ -127,18 +127,19 @@ def load_task_jsonl(path: str | Path) -> list[TaskExample]:
     Blank lines are skipped. Raises ``ValueError`` naming the file and line for a malformed row,
     and for a file without any example.
     """
+    from ..data import text_lines  # a missing file or a non-UTF-8 line: named with its line
+
     path = Path(path)
     out: list[TaskExample] = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            out.append(_parse_row(obj, where))
+    for i, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        out.append(_parse_row(obj, where))
     if not out:
         raise ValueError(f"{path}: no task examples (empty file)")
     return out
