@@ -76,9 +76,9 @@ def make_engine(model: str, recipes: dict[str, Path] | None, eager: bool, args):
 
 
 def close(llm) -> None:
-    core = getattr(llm.llm_engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+    import steerwise.vllm as sv
+
+    sv.shutdown(llm)
     del llm
     gc.collect()
 

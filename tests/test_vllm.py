@@ -65,9 +65,7 @@ def make_engine(model_dir: Path, recipes: dict[str, Path] | None, eager: bool, c
 
 
 def close(llm) -> None:
-    core = getattr(llm.llm_engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+    sv.shutdown(llm)
     del llm
     gc.collect()
 

@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from ..models import DEFAULT_MODEL
-
 DEMO_RECIPE = "pear"
 
 
@@ -96,14 +94,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from ..cli import finite_float, non_negative_int, positive_float, positive_int
+    from ..cli import add_model_args, finite_float, non_negative_int, positive_float, positive_int
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: per-request recipe and strength")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id, local directory, or embedded model name (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_model_args(p)
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=DIR",
                    help="a recipe a request may name (repeatable); requests can never give paths")
     p.add_argument("--demo", action="store_true",

@@ -33,6 +33,7 @@ VALIDATOR_CLS = "steerwise.vllm.validate:SteeringValidator"
 ENV_RECIPES = "STEERWISE_VLLM_RECIPES"
 
 __all__ = [
+    "shutdown",
     "VALIDATOR_CLS",
     "WORKER_CLS",
     "XARG_RECIPE",
@@ -110,3 +111,10 @@ def steered_prompt(
     if salt is not None:
         out["cache_salt"] = salt
     return out
+
+
+def shutdown(llm: Any) -> None:
+    """Stop an ``LLM``'s engine core now (its processes and memory), not at garbage collection."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
