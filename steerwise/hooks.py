@@ -222,15 +222,16 @@ class _Slot:
 
     site: Site
     entries: list[SiteSteering | None]
-    stack: SiteStack
+    dim: int
     external: list[tuple[int, Gate]]
     live: bool  # trainable tensors: rebuild the stack every call so gradients reach them
+    stack: SiteStack | None = None
 
     def build(self) -> SiteStack:
         return build_stack(
             [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
              for e in self.entries],
-            self.stack.dim,
+            self.dim,
         )
 
 
@@ -243,11 +244,9 @@ def _slot(site: Site, entries: list[SiteSteering | None]) -> _Slot:
     live = any(p.requires_grad for e in real for p in (*e.map.parameters(), *e.gate.parameters()))
     external = [(r, e.gate) for r, e in enumerate(entries)
                 if e is not None and e.gate.linear_form().kind == "external"]
-    slot = _Slot(site, entries, None, external, live)  # type: ignore[arg-type]
+    slot = _Slot(site, entries, dim, external, live)
     with torch.no_grad():
-        slot.stack = build_stack(
-            [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
-             for e in entries], dim)
+        slot.stack = slot.build()
     return slot
 
 
@@ -377,7 +376,7 @@ class SteeringHandle(HookHandle):
                     if entry is not None:
                         entry.to(device)
                 slot = _slot(site, entries)
-                slot.stack = slot.stack.to(device)
+                slot.stack = slot.stack.to(device)  # type: ignore[union-attr]
                 self._slots.append(slot)
                 if site.io == "input":
                     h = module.register_forward_pre_hook(self._make_input_hook(slot))
@@ -445,6 +444,7 @@ class SteeringHandle(HookHandle):
             x = x.movedim(channel_dim, -1)
         t = x.float()
         stack = slot.build() if slot.live else slot.stack
+        assert stack is not None
         index = None
         strength: Tensor | float = self._strength
         if self._rows is not None or len(self.names) > 1:
