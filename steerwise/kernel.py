@@ -63,7 +63,7 @@ class LinearGate:
 class SiteStack:
     """The tensors of R recipes at one site (float32, one device), plus static flags.
 
-    Shapes: ``b``, ``a``, ``lo``, ``hi``, ``w``: (R, d); ``c``, ``scale``, ``code``: (R,);
+    Shapes: ``b``, ``a``, ``lo``, ``hi``, ``w``: (R, d); ``c``, ``scale``: (R,);
     ``mix``: (R, 4), one-hot of each recipe's gate code. ``a``/``lo``/``hi`` are ``None`` when no
     recipe needs them; ``kinds`` is the set of gate codes present.
     """
