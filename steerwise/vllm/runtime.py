@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..hooks import check_strength
 from ..kernel import SiteStack, build_stack, steer, steer_terms
 from ..recipe import Recipe
 from ..sites import FAMILY_OVERRIDES
@@ -76,12 +77,9 @@ def parse_request(
     if raw is None:
         return name, float(recipes[name])
     try:
-        strength = float(raw)
-    except (TypeError, ValueError):
-        raise SteeringRequestError(f"{XARG_STRENGTH} must be a number, got {raw!r}") from None
-    if not np.isfinite(strength):
-        raise SteeringRequestError(f"{XARG_STRENGTH} must be a finite number, got {raw!r}")
-    return name, strength
+        return name, check_strength(raw, XARG_STRENGTH)
+    except ValueError as exc:
+        raise SteeringRequestError(str(exc)) from None
 
 
 def parse_site(name: str) -> tuple[str, int]:
