@@ -4,7 +4,9 @@ Texts are tokenized, sorted by length (less padding), run through the model in b
 hooks that pool each site's activation per text — masked mean over real tokens and/or the last
 real token — and write it into a preallocated (n_texts, d) matrix. Padding never enters a
 statistic, and memory is O(n_texts · d · sites), independent of sequence length. The forward
-pass stops after the deepest requested site.
+pass stops after the deepest requested site. Pooling ``"tokens"`` keeps the activation of every
+real token instead (at most ``MAX_TOKENS_PER_TEXT`` per text, evenly spaced), for gates trained
+on tokens as they are applied.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from tqdm.auto import tqdm
 
 from .sites import Site
 
-Pooling = Literal["mean", "last"]
-POOLINGS: tuple[str, ...] = ("mean", "last")
+Pooling = Literal["mean", "last", "tokens"]
+POOLINGS: tuple[str, ...] = ("mean", "last", "tokens")
+# with pooling "tokens" the result also holds, under this key, the index of the text each token
+# row comes from (a float (n_tokens, 1) column, so every value stays a float matrix)
+TOKEN_TEXT = "tokens_text"
+MAX_TOKENS_PER_TEXT = 64
 
 
 class _Stop(Exception):
@@ -101,6 +107,19 @@ def pool(x: Tensor, mask: Tensor, how: str) -> Tensor:
     raise ValueError(f"unknown pooling {how!r}; choose from {POOLINGS}")
 
 
+def token_rows(x: Tensor, mask: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+    """The activations of the real tokens of each row of (batch, tokens, d), at most ``cap``
+    evenly spaced ones per row, and the row index of each: ((n, d), (n,))."""
+    rows, owner = [], []
+    for i in range(x.shape[0]):
+        real = mask[i].nonzero().flatten().to(x.device)
+        if len(real) > cap:
+            real = real[torch.linspace(0, len(real) - 1, cap).round().long()]
+        rows.append(x[i, real].float())
+        owner.append(torch.full((len(real),), i, dtype=torch.long))
+    return torch.cat(rows), torch.cat(owner)
+
+
 @torch.no_grad()
 def collect_activations(
     model: nn.Module,
@@ -114,7 +133,8 @@ def collect_activations(
     progress: bool = True,
     desc: str = "activations",
 ) -> dict[str, dict[str, Tensor]]:
-    """Pooled activations: ``result[site.name][pooling]`` is a float32 CPU (n_texts, d) matrix."""
+    """Pooled activations: ``result[site.name][pooling]`` is a float32 CPU (n_texts, d) matrix;
+    for ``"tokens"`` it is (n_tokens, d), with the text of each row under ``TOKEN_TEXT``."""
     if len(texts) == 0:
         raise ValueError(f"{desc}: no texts given")
     for how in pooling:
@@ -128,11 +148,16 @@ def collect_activations(
     out: dict[str, dict[str, Tensor]] = {s.name: {} for s in sites}
     state: dict[str, object] = {}
     captured: set[str] = set()
+    tokens: dict[str, list[tuple[Tensor, Tensor]]] = {s.name: [] for s in sites}
 
     def make_hook(site: Site):
         def store(x: Tensor) -> None:
             mask, idx = state["mask"], state["idx"]
             for how in pooling:
+                if how == "tokens":
+                    rows_, owner = token_rows(x, mask, MAX_TOKENS_PER_TEXT)  # type: ignore[arg-type]
+                    tokens[site.name].append((rows_.cpu(), idx[owner]))  # type: ignore[index]
+                    continue
                 pooled = pool(x, mask, how).cpu()  # type: ignore[arg-type]
                 if how not in out[site.name]:
                     out[site.name][how] = torch.empty(len(rows), pooled.shape[-1])
@@ -170,6 +195,10 @@ def collect_activations(
     finally:
         for h in handles:
             h.remove()
+    if "tokens" in pooling:
+        for name, parts in tokens.items():
+            out[name]["tokens"] = torch.cat([p[0] for p in parts])
+            out[name][TOKEN_TEXT] = torch.cat([p[1] for p in parts]).float().unsqueeze(1)
     for name, pools in out.items():
         for how, mat in pools.items():
             if not torch.isfinite(mat).all():

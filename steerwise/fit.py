@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import collect_activations
+from .activations import TOKEN_TEXT, collect_activations
 from .gates import GATE_FITTERS
 from .gates.base import GateFitter, Pooled
 from .gates.cast import CASTOptions
@@ -122,7 +122,7 @@ def fit(
         "options": opts.to_json(),
     }
     maps = _fit_maps(model, opts, map_cls, sites, acts_s, acts_t, fit_info)
-    fitted = gating.fit(sites + extra_sites, acts_s, acts_c, opts)
+    fitted = gating.fit(sites + extra_sites, acts_s, gate_negatives(acts_c, acts_t, opts), opts)
     entries = [
         SiteSteering(site, m, fitted.gates[site.name], fitted.scales[site.name],
                      dict(fitted.diagnostics.get(site.name, {})))
@@ -203,9 +203,10 @@ def _collect(
     """Pooled activations of S, T and C at every site (each set collected once)."""
     was_training = model.training
     model.eval()
+    poolings = {opts.pooling, "mean"} | ({"tokens"} if opts.dsas.needs_tokens else set())
     try:
         kw = dict(sites=sites, batch_size=opts.batch_size, max_length=opts.max_length,
-                  progress=progress, pooling=sorted({opts.pooling, "mean"}))
+                  progress=progress, pooling=sorted(poolings))
         acts_s = collect_activations(model, tokenizer, source, desc="source", **kw)
         acts_t = collect_activations(model, tokenizer, target, desc="target", **kw)
         if target is control:
@@ -217,6 +218,22 @@ def _collect(
     finally:
         model.train(was_training)
     return acts_s, acts_t, acts_c
+
+
+def gate_negatives(acts_c: Pooled | None, acts_t: Pooled, opts: FitOptions) -> Pooled | None:
+    """What a gate learns to keep shut: the control set, or control ∪ target
+    (``dsas.negatives = "control+target"``, the contrastive gate; a target that is the control
+    set is not counted twice). Token rows keep their text index, numbered apart per set."""
+    if opts.dsas.negatives == "control" or acts_c is None or acts_c is acts_t:
+        return acts_c
+    out: Pooled = {}
+    for name, pools in acts_c.items():
+        joined = {k: torch.cat([v, acts_t[name][k]]) for k, v in pools.items() if k != TOKEN_TEXT}
+        if TOKEN_TEXT in pools:
+            offset = pools[TOKEN_TEXT].max() + 1
+            joined[TOKEN_TEXT] = torch.cat([pools[TOKEN_TEXT], acts_t[name][TOKEN_TEXT] + offset])
+        out[name] = joined
+    return out
 
 
 def _fit_maps(

@@ -380,11 +380,11 @@ def test_sweep_resumes_without_recomputing(tmp_path, tokenizer):
     f = fronts(rows, "ppl")
     assert set(f) == {"caa+none", "caa+dsas"}
     comp = compare_gates(rows, ppl_factors=(1.25,), mmlu_drops=())
-    assert comp[0]["toxicity_dsas"] == pytest.approx(0.2)  # λ=2, ppl 12 ≤ 12.5
-    assert comp[0]["toxicity_none"] == pytest.approx(0.4)  # only λ=0 fits the budget
+    assert comp[0]["toxicity_with"] == pytest.approx(0.2)  # λ=2, ppl 12 ≤ 12.5
+    assert comp[0]["toxicity_without"] == pytest.approx(0.4)  # only λ=0 fits the budget
     # the no-gate front at ppl 12.5: between (0.4, 10) and (0.28, 13) -> 0.3
-    assert comp[0]["toxicity_none_at"] == pytest.approx(0.30)
-    assert math.isnan(comp[0]["toxicity_dsas_at"])  # the DSAS front ends at ppl 12
+    assert comp[0]["toxicity_without_at"] == pytest.approx(0.30)
+    assert math.isnan(comp[0]["toxicity_with_at"])  # the DSAS front ends at ppl 12
     files = write_tables(points, tmp_path)
     assert files["summary"].read_text().count("\n") == 7
 

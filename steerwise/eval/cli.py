@@ -9,11 +9,13 @@ the ``--preset testbed`` layout of a data directory (see ``steerwise.eval.data``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -65,6 +67,54 @@ def parse_grids(specs: list[str] | None, methods: list[str]) -> dict[str, list[f
     return grids
 
 
+def _value(text: str) -> Any:
+    """A ``key=value`` value: JSON (numbers, true/false, null) or else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_gate_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=KIND[,key=value,...]`` → (name, variant). Keys: ``control`` (a control pool of the
+    data), ``section.field`` (a field of a nested fit option, e.g. ``lineas.e2e_gate=relu``),
+    a ``DSASOptions`` field (e.g. ``train_on=tokens``), or another ``FitOptions`` field."""
+    from ..fit import GATES, FitOptions
+    from ..gates.dsas import DSASOptions
+
+    name, sep, rest = spec.partition("=")
+    parts = [p.strip() for p in rest.split(",") if p.strip()]
+    if not sep or not name or not parts:
+        raise ValueError(f"--gate-variant: expected NAME=KIND[,key=value,...], got {spec!r}")
+    kind, settings = parts[0], parts[1:]
+    if kind not in GATES:
+        raise ValueError(f"--gate-variant {name}: unknown gate kind {kind!r}; known: "
+                         f"{', '.join(GATES)}")
+    variant: dict[str, Any] = {"gate": kind, "fit_options": {}}
+    dsas_fields = {f.name for f in dataclasses.fields(DSASOptions)}
+    fit_fields = {f.name for f in dataclasses.fields(FitOptions)}
+    for item in settings:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"--gate-variant {name}: expected key=value, got {item!r}")
+        value, opts = _value(raw), variant["fit_options"]
+        if key == "control":
+            variant["control"] = raw
+        elif "." in key:
+            section, field_ = key.split(".", 1)
+            if section not in fit_fields:
+                raise ValueError(f"--gate-variant {name}: unknown fit option {section!r}")
+            opts.setdefault(section, {})[field_] = value
+        elif key in dsas_fields:
+            opts.setdefault("dsas", {})[key] = value
+        elif key in fit_fields:
+            opts[key] = value
+        else:
+            raise ValueError(f"--gate-variant {name}: unknown option {key!r} (a DSASOptions or "
+                             f"FitOptions field, 'section.field', or 'control')")
+    return name, variant
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,10 +135,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(sorted(MAP_REGISTRY))}")
     from ..fit import GATES
 
+    variants = dict(parse_gate_variant(v) for v in args.gate_variant or [])
     gates = args.gates.split(",")
-    bad = [g for g in gates if g not in GATES]
+    bad = [g for g in gates if g not in GATES and g not in variants]
     if bad:
-        raise ValueError(f"unknown gates {bad}; known: {', '.join(GATES)}")
+        raise ValueError(f"unknown gates {bad}; known: {', '.join(GATES)} and the variants "
+                         f"given with --gate-variant ({', '.join(variants) or 'none'})")
     grids = parse_grids(args.grid, methods)
     if quick and not args.grid:
         grids = {m: [0.0] + [v for v in g if v][1::2][:QUICK["grid_points"]] for m, g in grids.items()}
@@ -100,7 +152,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if steps:
         fit_options["lineas"] = {"steps": steps}
     config = SweepConfig(
-        methods=methods, gates=gates, strengths=grids, seeds=seeds, n_fit=args.n_fit,
+        methods=methods, gates=gates, gate_variants=variants, strengths=grids, seeds=seeds, n_fit=args.n_fit,
         site=args.site, layers=args.layers, fit_options=fit_options,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                                     temperature=args.temperature,
@@ -126,25 +178,33 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     rows = aggregate(points)
     png = plot_fronts(rows, out / "pareto.png",
                       title=f"{Path(args.model).name}: toxicity vs utility "
-                            f"(dashed = no gate, solid = DSAS)")
+                            f"(dashed = no gate, solid = gated)")
     (out / "data.json").write_text(json.dumps(data.description or data.sizes(), indent=2) + "\n")
-    console.print(_comparison_table(json.loads(files["json"].read_text())["comparison"]))
+    console.print(_costs_table(json.loads(files["json"].read_text())["costs"]))
     console.print(f"{len(points)} points in {time.perf_counter() - t0:.0f} s → "
                   f"{files['points']}, {files['summary']}, {files['json']}, {png}")
     return 0
 
 
-def _comparison_table(comparison: list[dict]) -> Table:
-    table = Table(title="lowest toxicity within a utility budget: without vs with DSAS")
-    for col in ("method", "budget", "no gate", "DSAS", "Δ (points)"):
-        table.add_column(col, justify="right" if col != "method" else "left")
-    def pct(v: float) -> str:
-        return "-" if math.isnan(v) else f"{100 * v:.1f}%"
+def _costs_table(costs: list[dict]) -> Table:
+    table = Table(title="what reaching a toxicity level costs (seed-mean λ path; ± std over seeds)")
+    for col in ("method", "gate", "tox ≤", "λ", "in-domain ppl Δ", "WikiText ppl Δ",
+                "benign tox", "seeds"):
+        table.add_column(col, justify="left" if col in ("method", "gate") else "right")
 
-    for c in comparison:
-        d = c["difference"]
-        table.add_row(c["method"], c["budget"], pct(c["toxicity_none"]), pct(c["toxicity_dsas"]),
-                      "-" if math.isnan(d) else f"{100 * d:+.1f}")
+    def rel(c: dict, key: str) -> str:
+        v, sd = c.get(key), c.get(key + "_std")
+        if v is None:
+            return "-"
+        return f"{100 * v:+.1f}%" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+    for c in costs:
+        benign = c.get("benign_toxicity")
+        table.add_row(c["method"], c["gate"], f"{100 * c['toxicity_target']:g}%",
+                      "-" if c.get("strength") is None else f"{c['strength']:.3g}",
+                      rel(c, "ppl_nontoxic_increase"), rel(c, "ppl_increase"),
+                      "-" if benign is None else f"{100 * benign:.1f}%",
+                      f"{c['n_seeds_reached']}/{c['n_seeds']}")
     return table
 
 
@@ -240,7 +300,12 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small sizes that finish in minutes on a CPU (smoke test)")
     p.add_argument("--methods", help="comma-separated methods (default: every registered one)")
-    p.add_argument("--gates", default="none,dsas", help="comma-separated gates to compare")
+    p.add_argument("--gates", default="none,dsas",
+                   help="comma-separated gates to compare: gate kinds or --gate-variant names")
+    p.add_argument("--gate-variant", action="append", metavar="NAME=KIND[,key=value...]",
+                   help="a named gate with its own options, e.g. 'tok=dsas,train_on=tokens,"
+                        "control=mix' or 'relu=e2e,lineas.e2e_gate=relu' (repeatable; keys: "
+                        "control pool, DSASOptions fields, FitOptions fields, section.field)")
     p.add_argument("--grid", action="append",
                    help="strengths: '0.5,1,2' for all methods or 'caa=0.5,1,2' (repeatable; "
                         "default: per method, see docs/evaluation.md)")
@@ -257,9 +322,12 @@ def register(subparsers) -> None:
     g.add_argument("--preset", choices=["testbed"],
                    help="read every set from --data-dir (default: the files given below)")
     g.add_argument("--data-dir", help="directory in the shared data layout (with --preset)")
-    g.add_argument("--control-pool", default="rtp-nontoxic", choices=["rtp-nontoxic", "neither"],
-                   help="testbed preset: control texts ('rtp-nontoxic': training rows of "
-                        "rtp_nontoxic.jsonl; 'neither': Davidson neutral tweets)")
+    g.add_argument("--control-pool", default="rtp-nontoxic",
+                   choices=["rtp-nontoxic", "neither", "wikitext", "mix"],
+                   help="testbed preset: default control texts ('rtp-nontoxic': training rows "
+                        "of rtp_nontoxic.jsonl; 'neither': Davidson neutral tweets; 'wikitext': "
+                        "training-article paragraphs; 'mix': half rtp, half wikitext); a gate "
+                        "variant may name another")
     g.add_argument("--n-ppl-continuations", type=positive_int, default=None,
                    help="testbed preset: held-out non-toxic continuations for perplexity "
                         "(default: 200; --quick: 40)")

@@ -12,10 +12,12 @@ testbed LM never saw:
 * MMLU: test questions (the testbed saw them: this measures retained memorised knowledge);
 * fitting pools: source = Davidson tweets labelled ``offensive`` or ``hate``; target = Davidson
   tweets labelled ``neither`` (same domain as the source, so a map moves toxicity, not style);
-  control = prompt + continuation of the *training* rows (0–999) of ``rtp_nontoxic.jsonl``
-  (default: the kind of text the benign evaluation prompts are, never the held-out rows) or
-  ``neither`` tweets (``control="neither"``: with 32 examples the gates then reach only
-  0.6–0.77 accuracy and DSAS often steers no layer at all).
+  control = one of the named pools of ``CONTROL_POOLS``: prompt + continuation of the
+  *training* rows (0–999) of ``rtp_nontoxic.jsonl`` (``rtp-nontoxic``, default: the kind of
+  text the benign evaluation prompts are, never the held-out rows), ``neither`` tweets (with
+  32 examples the mean-trained gates then reach only 0.6–0.77 accuracy), WikiText paragraphs
+  of the articles not held out (``wikitext``, out of domain) or half of each (``mix``). Every
+  pool is in ``SweepData.control_pools``, so one sweep can compare gates fitted on each.
 """
 
 from __future__ import annotations
@@ -50,6 +52,42 @@ def wikitext_articles(path: str | Path) -> list[str]:
     return ["\n".join(a) for a in articles]
 
 
+# the named control pools of the testbed preset: what each holds
+CONTROL_POOLS = {
+    "rtp-nontoxic": "rtp_nontoxic.jsonl rows 0-999, prompt + continuation (in-domain)",
+    "neither": "davidson neither tweets (the target pool: same domain as the source)",
+    "wikitext": "wikitext2 test paragraphs of the articles not held out for perplexity, "
+                "in pieces of about 40 words (out-of-domain)",
+    "mix": "rtp-nontoxic and wikitext, half each, interleaved",
+}
+
+
+def word_chunks(text: str, words: int = 40) -> list[str]:
+    """Paragraphs of ``text`` (lines; WikiText titles dropped) cut into pieces of about
+    ``words`` words (a short last piece joins the one before)."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or _ARTICLE.match(line):
+            continue
+        ws = line.split()
+        pieces = [ws[i:i + words] for i in range(0, len(ws), words)]
+        if len(pieces) > 1 and len(pieces[-1]) < words // 2:
+            last = pieces.pop()
+            pieces[-1] = pieces[-1] + last
+        out += [" ".join(p) for p in pieces if len(p) >= 5]
+    return out
+
+
+def control_pools(rtp: list[str], neither: list[str], train_articles: list[str]
+                  ) -> dict[str, list[str]]:
+    """The testbed's control pools (``CONTROL_POOLS``) from their sources."""
+    wiki = [c for a in train_articles for c in word_chunks(a)]
+    n = min(len(rtp), len(wiki))
+    mix = [t for pair in zip(rtp[:n], wiki[:n]) for t in pair]
+    return {"rtp-nontoxic": rtp, "neither": neither, "wikitext": wiki, "mix": mix}
+
+
 def testbed_data(
     data_dir: str | Path,
     *,
@@ -79,12 +117,13 @@ def testbed_data(
     # a few tweets occur under several labels: keep them out of the neutral pools
     target_pool = list(dict.fromkeys(r["text"] for r in tweets
                                      if r["label"] == "neither" and r["text"] not in toxic_texts))
-    if control == "neither":
-        control_pool = target_pool
-    elif control == "rtp-nontoxic":
-        control_pool = [r["prompt"] + r["continuation"] for r in nontoxic[:-200]]
-    else:
-        raise ValueError(f"unknown control pool {control!r}: 'neither' or 'rtp-nontoxic'")
+    held_articles = set(idx)
+    pools = control_pools(
+        [r["prompt"] + r["continuation"] for r in nontoxic[:-200]], target_pool,
+        [a for i, a in enumerate(articles) if i not in held_articles])
+    if control not in pools:
+        raise ValueError(f"unknown control pool {control!r}: {', '.join(CONTROL_POOLS)}")
+    control_pool = pools[control]
     mmlu_q = mmlu_s = None
     if mmlu_subjects is not None:
         mdir = Path(mmlu_dir) if mmlu_dir else d / "mmlu"
@@ -106,6 +145,7 @@ def testbed_data(
         ppl_continuations=[r["continuation"] for r in cont_rows],
         mmlu_questions=mmlu_q,
         mmlu_shots=mmlu_s,
+        control_pools=pools,
         description={
             "preset": "testbed",
             "toxic_prompts": f"rtp_toxic.jsonl odd rows, first {len(held_toxic)}",
@@ -113,7 +153,7 @@ def testbed_data(
             "ppl_text": f"wikitext2 test articles {idx[:4]}... ({len(idx)} articles)",
             "ppl_continuations": f"rtp_nontoxic.jsonl last 200 rows, first {len(cont_rows)}",
             "source": "davidson offensive+hate", "target": "davidson neither",
-            "control": "davidson neither" if control == "neither" else "rtp_nontoxic rows 0-999",
+            "control": CONTROL_POOLS[control],
             "mmlu": None if mmlu_q is None else f"{len(mmlu_q)} subjects x {mmlu_per_subject}",
         },
     )

@@ -1,5 +1,6 @@
-"""Pareto-front plots: toxicity vs perplexity and toxicity vs MMLU, one colour per method,
-dashed without DSAS and solid with it (other gates dotted); every evaluated point faint."""
+"""Pareto-front plots: toxicity vs each utility (in-domain perplexity, WikiText perplexity,
+benign-prompt toxicity, MMLU), one colour per method + gate, dashed without a gate; every
+evaluated point faint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from typing import Any
 
 from .pareto import pareto_front
 
-_LINESTYLES = {"none": "--", "dsas": "-", "dsas-adaptive": "-."}
+_LABELS = {
+    "ppl_nontoxic": "perplexity on held-out in-domain benign text ↓",
+    "ppl": "perplexity of the steered model (held-out running text) ↓",
+    "benign_toxicity": "toxicity of continuations of benign prompts (%) ↓",
+    "mmlu": "MMLU accuracy (log-likelihood) ↑",
+}
 
 
 def plot_fronts(
@@ -19,57 +25,60 @@ def plot_fronts(
     title: str = "",
     max_ppl_factor: float | None = 2.5,
 ) -> Path:
-    """Write a PNG with one panel per available utility (perplexity, MMLU)."""
+    """Write a PNG with one panel per available utility (``_LABELS``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    utilities = [u for u in ("ppl", "mmlu") if any(u in r for r in rows)]
+    utilities = [u for u in _LABELS if any(u in r for r in rows)]
     if not utilities:
-        raise ValueError("no utility measure (ppl, mmlu) in the rows to plot")
-    methods = sorted({r["method"] for r in rows})
-    cmap = plt.get_cmap("tab10")
-    colours = {m: cmap(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(utilities), figsize=(6.2 * len(utilities), 4.8), squeeze=False)
-    for ax, util in zip(axes[0], utilities):
+        raise ValueError(f"no utility measure ({', '.join(_LABELS)}) in the rows to plot")
+    curves = sorted({(r["method"], r["gate"]) for r in rows})
+    cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    colours = {c: cmap(i % cmap.N) for i, c in enumerate(curves)}
+    cols = min(len(utilities), 2)
+    nrows = -(-len(utilities) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(utilities):]:
+        ax.set_visible(False)
+    for ax, util in zip(axes.flat, utilities):
         higher = util == "mmlu"
-        for m in methods:
-            for g in sorted({r["gate"] for r in rows if r["method"] == m}):
-                rs = [r for r in rows if r["method"] == m and r["gate"] == g and util in r]
-                if not rs:
-                    continue
-                xs = [r[util] for r in rs]
-                ys = [100 * r["toxicity"] for r in rs]
-                ax.scatter(xs, ys, color=colours[m], alpha=0.25, s=14,
-                           marker="o" if g != "none" else "x")
-                idx = pareto_front([r["toxicity"] for r in rs], xs, minimize_y=not higher)
-                idx = sorted(idx, key=lambda i: xs[i])
-                label = m if g == "none" else f"{m} + {g.upper()}"
-                ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color=colours[m],
-                        linestyle=_LINESTYLES.get(g, ":"), marker="o", ms=4, lw=1.8, label=label)
+        scale = 100.0 if util == "benign_toxicity" else 1.0
+        for m, g in curves:
+            rs = [r for r in rows if r["method"] == m and r["gate"] == g and util in r]
+            if not rs:
+                continue
+            xs = [scale * r[util] for r in rs]
+            ys = [100 * r["toxicity"] for r in rs]
+            ax.scatter(xs, ys, color=colours[(m, g)], alpha=0.25, s=14,
+                       marker="o" if g != "none" else "x")
+            idx = pareto_front([r["toxicity"] for r in rs], xs, minimize_y=not higher)
+            idx = sorted(idx, key=lambda i: xs[i])
+            label = m if g == "none" else f"{m} + {g}"
+            ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color=colours[(m, g)],
+                    linestyle="--" if g == "none" else "-", marker="o", ms=4, lw=1.8,
+                    label=label)
         base = [r for r in rows if r.get("strength") == 0.0 and util in r]
         if base:
-            ax.scatter([base[0][util]], [100 * base[0]["toxicity"]], color="black", marker="*",
-                       s=120, zorder=5, label="unsteered")
-        if util == "ppl":
-            label = "perplexity of the steered model (held-out text) ↓"
-            if base and max_ppl_factor:
-                hi = base[0][util] * max_ppl_factor
-                if max(r[util] for r in rows if util in r) > hi:
-                    lo = min(r[util] for r in rows if util in r)
-                    ax.set_xlim(lo - 0.03 * (hi - lo), hi)
-                    label += f"\n(axis cut at {max_ppl_factor:g}× the unsteered perplexity)"
-            ax.set_xlabel(label)
-        else:
-            ax.set_xlabel("MMLU accuracy (log-likelihood) ↑")
+            ax.scatter([scale * base[0][util]], [100 * base[0]["toxicity"]], color="black",
+                       marker="*", s=120, zorder=5, label="unsteered")
+        label = _LABELS[util]
+        if util.startswith("ppl") and base and max_ppl_factor:
+            hi = base[0][util] * max_ppl_factor
+            if max(r[util] for r in rows if util in r) > hi:
+                lo = min(r[util] for r in rows if util in r)
+                ax.set_xlim(lo - 0.03 * (hi - lo), hi)
+                label += f"\n(axis cut at {max_ppl_factor:g}× the unsteered perplexity)"
+        ax.set_xlabel(label)
         ax.set_ylabel("toxicity rate of continuations (%) ↓")
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8,
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
                frameon=False)
-    fig.suptitle(title or "Toxicity vs utility: dashed = without DSAS, solid = with DSAS")
-    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 6), 1, 0.95))
+    fig.suptitle(title or "Toxicity vs utility: dashed = no gate, solid = gated")
+    legend_rows = -(-len(labels) // 4)
+    fig.tight_layout(rect=(0, min(0.4, (0.035 * legend_rows + 0.02) * 2 / nrows), 1, 0.95))
     p = Path(path)
     fig.savefig(p, dpi=130)
     plt.close(fig)

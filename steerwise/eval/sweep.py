@@ -46,7 +46,7 @@ POINTS_NAME = "points.jsonl"
 CONFIG_NAME = "sweep.json"
 BASE = "base"
 # settings a resumed sweep may change (they add points, they do not change existing ones)
-_EXTENDABLE = ("methods", "gates", "strengths", "seeds")
+_EXTENDABLE = ("methods", "gates", "strengths", "seeds", "gate_variants")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class SweepData:
     mmlu_questions: dict[str, list[MMLUQuestion]] | None = None
     mmlu_shots: dict[str, list[MMLUQuestion]] | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    control_pools: dict[str, list[str]] = field(default_factory=dict)  # other named controls
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -75,13 +76,28 @@ class SweepData:
             "ppl_texts": len(self.ppl_texts),
             "ppl_continuations": len(self.ppl_continuations),
             "mmlu_questions": sum(len(v) for v in (self.mmlu_questions or {}).values()),
+            **{f"control_pool:{k}": len(v) for k, v in sorted(self.control_pools.items())},
         }
+
+    def control(self, name: str | None) -> list[str]:
+        """The control pool ``name`` (None: the default one)."""
+        if name is None:
+            return self.control_pool
+        if name not in self.control_pools:
+            raise ValueError(f"unknown control pool {name!r}; this data has: "
+                             f"{', '.join(sorted(self.control_pools)) or 'only the default'}")
+        return self.control_pools[name]
 
 
 @dataclass
 class SweepConfig:
+    """``gates``: gate kinds or names of ``gate_variants``; a variant is a gate kind with its own
+    options: ``{"gate": kind, "control": pool name, "fit_options": {FitOptions overrides}}``
+    (``steerwise.eval.cli.parse_gate_variant`` reads them from ``NAME=KIND,key=value,...``)."""
+
     methods: list[str]
     gates: list[str] = field(default_factory=lambda: ["none", "dsas"])
+    gate_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     strengths: dict[str, list[float]] = field(default_factory=dict)  # per method
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     n_fit: int = 32
@@ -154,6 +170,9 @@ def _check_config(out_dir: Path, config: dict[str, Any], data_sizes: dict[str, i
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if old.get("data") != data_sizes:
             diff.append("data sizes")
+        old_variants = old_config.get("gate_variants") or {}
+        diff += [f"gate variant {n!r}" for n, v in config.get("gate_variants", {}).items()
+                 if n in old_variants and old_variants[n] != v]
         if diff:
             raise ValueError(
                 f"{out_dir} holds a sweep with other settings ({', '.join(diff)}): resume it with "
@@ -169,28 +188,39 @@ def _check_config(out_dir: Path, config: dict[str, Any], data_sizes: dict[str, i
     path.write_text(json.dumps(current, indent=2) + "\n")
 
 
-def draw_fit_sets(data: SweepData, n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
-    """``n`` source, target and control texts drawn (without replacement) with ``seed``."""
+def draw_fit_sets(data: SweepData, n: int, seed: int, control: str | None = None
+                  ) -> tuple[list[str], list[str], list[str]]:
+    """``n`` source, target and control texts drawn (without replacement) with ``seed``;
+    ``control`` names a control pool of the data (None: the default one)."""
     rng = random.Random(seed)
     out = []
     for name, pool in (("source", data.source_pool), ("target", data.target_pool),
-                       ("control", data.control_pool)):
+                       ("control", data.control(control))):
         if len(pool) < n:
             raise ValueError(f"the {name} pool has {len(pool)} texts, fewer than n_fit={n}")
         out.append(rng.sample(pool, n))
     return out[0], out[1], out[2]
 
 
+def gate_variant(gate: str, config: SweepConfig) -> dict[str, Any]:
+    """The variant named ``gate`` (a plain gate kind is a variant with no options)."""
+    variant = config.gate_variants.get(gate, {"gate": gate})
+    return {"gate": variant.get("gate", gate), "control": variant.get("control"),
+            "fit_options": dict(variant.get("fit_options", {}))}
+
+
 def build_fit_options(method: str, gate: str, config: SweepConfig):
-    """``FitOptions`` for one (method, gate) with the sweep's overrides (nested dicts set fields
-    of nested option dataclasses; a key ``<method>`` holds per-method overrides)."""
+    """``FitOptions`` for one (method, gate or gate variant) with the sweep's overrides (nested
+    dicts set fields of nested option dataclasses; ``per_method`` holds per-method overrides;
+    a variant's own options come last)."""
     from ..fit import FitOptions
 
-    opts = FitOptions(method=method, gate=gate, site=config.site, layers=config.layers,
+    variant = gate_variant(gate, config)
+    opts = FitOptions(method=method, gate=variant["gate"], site=config.site, layers=config.layers,
                       batch_size=config.batch_size)
     overrides = dict(config.fit_options)
     per_method = overrides.pop("per_method", {}).get(method, {})
-    for key, value in {**overrides, **per_method}.items():
+    for key, value in _merge(_merge(overrides, per_method), variant["fit_options"]).items():
         if not hasattr(opts, key):
             raise ValueError(f"unknown fit option {key!r} in the sweep's fit_options")
         current = getattr(opts, key)
@@ -198,6 +228,14 @@ def build_fit_options(method: str, gate: str, config: SweepConfig):
             value = dataclasses.replace(current, **value)
         setattr(opts, key, value)
     return opts
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` updated by ``b``, nested dicts merged key by key."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def evaluate_point(
@@ -274,6 +312,8 @@ def run_sweep(
     for m in config.methods:
         if m not in config.strengths or not config.strengths[m]:
             raise ValueError(f"no strength grid for method {m!r}")
+    for g in config.gates:
+        data.control(gate_variant(g, config)["control"])  # an unknown pool fails before any work
     _check_config(out, config.to_json(), data.sizes())
     _drop_partial_line(out)
     done = {point_key(p["method"], p["gate"], p["seed"], p["strength"]) for p in read_points(out)}
@@ -318,7 +358,8 @@ def _fit_or_load(model, tokenizer, data, config, out: Path, method, gate, seed, 
     rdir = out / "recipes" / f"{method}__{gate}__seed{seed}"
     if (rdir / "steerwise.json").is_file():
         return Recipe.from_pretrained(rdir)
-    source, target, control = draw_fit_sets(data, config.n_fit, seed)
+    source, target, control = draw_fit_sets(data, config.n_fit, seed,
+                                            gate_variant(gate, config)["control"])
     try:
         opts = build_fit_options(method, gate, config)
         opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
@@ -385,6 +426,9 @@ def fronts(rows: Sequence[dict[str, Any]], utility: str) -> dict[str, list[dict[
     return out
 
 
+UTILITIES = ("ppl_nontoxic", "ppl", "mmlu")  # in-domain benign perplexity is the headline
+
+
 def compare_gates(
     rows: Sequence[dict[str, Any]],
     *,
@@ -394,42 +438,108 @@ def compare_gates(
     mmlu_drops: Sequence[float] = (0.0, 0.02, 0.05),
 ) -> list[dict[str, Any]]:
     """Per method: lowest toxicity reachable with and without the gate within utility budgets
-    (perplexity ≤ factor × unsteered perplexity; MMLU ≥ unsteered − drop), and the toxicity of
-    each Pareto front interpolated at exactly that utility (``*_at``; NaN where a front does not
-    reach it)."""
+    (in-domain and WikiText perplexity ≤ factor × unsteered; MMLU ≥ unsteered − drop), and the
+    toxicity of each Pareto front interpolated at exactly that utility (``*_at``; NaN where a
+    front does not reach it). Keys ``toxicity_without`` / ``toxicity_with`` (+ ``_at``)."""
     base = [r for r in rows if r["strength"] == 0.0]
     out = []
     if not base:
         return out
     b = base[0]
+    nan = float("nan")
     for method in sorted({r["method"] for r in rows}):
         a_rows = [r for r in rows if r["method"] == method and r["gate"] == baseline_gate]
         g_rows = [r for r in rows if r["method"] == method and r["gate"] == gate]
         if not a_rows or not g_rows:
             continue
-        for util, budgets, higher in (
-            ("ppl", [b["ppl"] * f for f in ppl_factors] if "ppl" in b else [], False),
-            ("mmlu", [b["mmlu"] - d for d in mmlu_drops] if "mmlu" in b else [], True),
-        ):
-            labels = ([f"ppl ≤ {f:g}× base" for f in ppl_factors] if util == "ppl"
-                      else [f"MMLU ≥ base − {d:g}" for d in mmlu_drops])
-            for label, budget in zip(labels, budgets):
-                ta = best_within([r["toxicity"] for r in a_rows], [r[util] for r in a_rows],
-                                 budget, higher_is_better=higher)
-                tg = best_within([r["toxicity"] for r in g_rows], [r[util] for r in g_rows],
-                                 budget, higher_is_better=higher)
-                ia = interpolate_front([r["toxicity"] for r in a_rows], [r[util] for r in a_rows],
-                                       budget, higher_is_better=higher)
-                ig = interpolate_front([r["toxicity"] for r in g_rows], [r[util] for r in g_rows],
-                                       budget, higher_is_better=higher)
-                out.append({"method": method, "budget": label, "utility": util,
-                            "budget_value": budget, f"toxicity_{baseline_gate}": ta,
-                            f"toxicity_{gate}": tg,
-                            "difference": tg - ta if not (math.isnan(ta) or math.isnan(tg))
-                            else float("nan"),
-                            f"toxicity_{baseline_gate}_at": ia, f"toxicity_{gate}_at": ig,
-                            "difference_at": ig - ia if not (math.isnan(ia) or math.isnan(ig))
-                            else float("nan")})
+        for util in UTILITIES:
+            if util not in b:
+                continue
+            higher = util == "mmlu"
+            if higher:
+                budgets = [(f"MMLU ≥ base − {d:g}", b[util] - d) for d in mmlu_drops]
+            else:
+                budgets = [(f"{util} ≤ {f:g}× base", b[util] * f) for f in ppl_factors]
+            for label, budget in budgets:
+                ta, tg, ia, ig = (
+                    fn([r["toxicity"] for r in rs if util in r], [r[util] for r in rs if util in r],
+                       budget, higher_is_better=higher)
+                    for fn in (best_within, interpolate_front) for rs in (a_rows, g_rows))
+                out.append({"method": method, "gate": gate, "baseline": baseline_gate,
+                            "budget": label, "utility": util, "budget_value": budget,
+                            "toxicity_without": ta, "toxicity_with": tg,
+                            "difference": nan if math.isnan(ta) or math.isnan(tg) else tg - ta,
+                            "toxicity_without_at": ia, "toxicity_with_at": ig,
+                            "difference_at": nan if math.isnan(ia) or math.isnan(ig) else ig - ia})
+    return out
+
+
+COST_UTILITIES = ("ppl_nontoxic", "ppl", "benign_toxicity", "mmlu")
+
+
+def crossing(curve: Sequence[dict[str, Any]], target: float) -> dict[str, float] | None:
+    """Every metric where a λ path first reaches ``toxicity ≤ target``: linear interpolation in
+    λ between the last point above and the first at or below the target (the curve sorted by λ,
+    λ = 0 first). None when the path never gets there."""
+    pts = sorted(curve, key=lambda r: float(r["strength"]))
+    for i, p in enumerate(pts):
+        if p["toxicity"] <= target:
+            if i == 0:
+                return {k: float(p[k]) for k in ("strength", "toxicity", *COST_UTILITIES)
+                        if isinstance(p.get(k), (int, float))}
+            a, t = pts[i - 1], (pts[i - 1]["toxicity"] - target) / (pts[i - 1]["toxicity"]
+                                                                    - p["toxicity"])
+            return {k: float(a[k] + t * (p[k] - a[k]))
+                    for k in ("strength", "toxicity", *COST_UTILITIES)
+                    if isinstance(a.get(k), (int, float)) and isinstance(p.get(k), (int, float))}
+    return None
+
+
+def costs_at_toxicity(points: Sequence[dict[str, Any]],
+                      targets: Sequence[float] = (0.05, 0.01)) -> list[dict[str, Any]]:
+    """Per (method, gate) and toxicity target: what reaching it costs — relative increase of
+    in-domain (``ppl_nontoxic``, the headline) and WikiText (``ppl``) perplexity, benign-prompt
+    toxicity and MMLU — read where the λ path of the seed-mean curve crosses the target, with
+    the spread (std) of the same figure over the seeds whose own path gets there."""
+    rows = aggregate(points)
+    base_rows = [r for r in rows if r["strength"] == 0.0]
+    if not base_rows:
+        return []
+    base = base_rows[0]
+    seed_base = {p["seed"]: p for p in points if p["method"] == BASE}
+    out = []
+    for method, gate in sorted({(r["method"], r["gate"]) for r in rows if r["method"] != BASE}):
+        curve = [r for r in rows if r["method"] == method and r["gate"] == gate]
+        per_seed = {}
+        for seed, b in seed_base.items():
+            sc = [p for p in points if p["method"] == method and p["gate"] == gate
+                  and p["seed"] == seed]
+            if sc:
+                per_seed[seed] = (b, [b, *sc])
+        for target in targets:
+            at = crossing(curve, target)
+            row: dict[str, Any] = {"method": method, "gate": gate, "toxicity_target": target,
+                                   "reached": at is not None, "n_seeds": len(per_seed)}
+            seeds_at = {s: crossing(c, target) for s, (b, c) in per_seed.items()}
+            row["n_seeds_reached"] = sum(v is not None for v in seeds_at.values())
+            if at is not None:
+                row["strength"] = at["strength"]
+            for util in COST_UTILITIES:
+                if at is None or util not in at or util not in base:
+                    continue
+                if util in ("ppl_nontoxic", "ppl"):
+                    row[util + "_increase"] = at[util] / base[util] - 1
+                    vals = [v[util] / per_seed[s][0][util] - 1 for s, v in seeds_at.items()
+                            if v is not None and util in v and util in per_seed[s][0]]
+                    name = util + "_increase"
+                else:
+                    row[util] = at[util]
+                    row[util + "_base"] = base[util]
+                    vals = [v[util] for v in seeds_at.values() if v is not None and util in v]
+                    name = util
+                if len(vals) > 1:
+                    row[name + "_std"] = float(np.std(vals))
+            out.append(row)
     return out
 
 
@@ -455,13 +565,16 @@ def write_tables(points: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[
         for r in rows:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, ""))
                         for k in scols})
+    gates = sorted({r["gate"] for r in rows if r["gate"] != "none"})
     summary = {
         "rows": rows,
-        "fronts": {u: fronts(rows, u) for u in ("ppl", "mmlu") if any(u in r for r in rows)},
-        "comparison": compare_gates(rows),
+        "fronts": {u: fronts(rows, u) for u in UTILITIES if any(u in r for r in rows)},
+        "costs": costs_at_toxicity(points),
+        "comparison": [c for g in gates for c in compare_gates(rows, gate=g)],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    (out / "summary.md").write_text(summary_markdown(rows, summary["comparison"]))
+    (out / "summary.md").write_text(summary_markdown(rows, summary["comparison"],
+                                                     summary["costs"]))
     return {"points": out / "points.csv", "summary": out / "summary.csv",
             "json": out / "summary.json", "markdown": out / "summary.md"}
 
@@ -475,30 +588,57 @@ def _fmt(v: Any, pct: bool = False, std: Any = None) -> str:
     return text
 
 
-def summary_markdown(rows: Sequence[dict[str, Any]], comparison: Sequence[dict[str, Any]]) -> str:
-    """Markdown tables: every (method, gate, λ) mean ± std over seeds, and the gate comparison."""
+def summary_markdown(rows: Sequence[dict[str, Any]], comparison: Sequence[dict[str, Any]],
+                     costs: Sequence[dict[str, Any]] = ()) -> str:
+    """Markdown tables: the cost of reaching 5 % / 1 % toxicity per (method, gate), every
+    (method, gate, λ) mean ± std over seeds, and each gate against no gate within budgets."""
+    lines: list[str] = []
+    if costs:
+        lines += [
+            "What reaching a toxicity level costs, read where each λ path crosses it (seed-mean "
+            "curve; ± = std over the seeds whose own path crosses; – = never reached):", "",
+            ("| method | gate | toxicity ≤ | λ | in-domain ppl Δ % | WikiText ppl Δ % | "
+             "benign tox. % (base) | MMLU % | seeds reached |"), "|" + "---|" * 9]
+        for c in costs:
+            def rel(key: str, c: dict[str, Any] = c) -> str:
+                v = c.get(key)
+                if not isinstance(v, float):
+                    return "–"
+                sd = c.get(key + "_std")
+                return f"{100 * v:+.1f}" + (f" ± {100 * sd:.1f}" if isinstance(sd, float) else "")
+
+            benign = (f"{_fmt(c.get('benign_toxicity'), True, c.get('benign_toxicity_std'))} "
+                      f"({_fmt(c.get('benign_toxicity_base'), True)})"
+                      if "benign_toxicity" in c else "–")
+            lines.append(
+                f"| {c['method']} | {c['gate']} | {100 * c['toxicity_target']:g} % | "
+                f"{_fmt(c.get('strength'))} | {rel('ppl_nontoxic_increase')} | "
+                f"{rel('ppl_increase')} | {benign} | "
+                f"{_fmt(c.get('mmlu'), True, c.get('mmlu_std'))} | "
+                f"{c['n_seeds_reached']}/{c['n_seeds']} |")
+        lines.append("")
     header = ("| method | gate | λ | toxicity % | tox. mean score | benign tox. % | ppl | "
               "ppl non-toxic | MMLU % | seeds |")
-    lines = [header, "|" + "---|" * 10]
+    lines += [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['gate']} | {r['strength']:g} | "
             f"{_fmt(r.get('toxicity'), True, r.get('toxicity_std'))} | "
             f"{_fmt(r.get('toxicity_mean'))} | "
             f"{_fmt(r.get('benign_toxicity'), True, r.get('benign_toxicity_std'))} | "
-            f"{_fmt(r.get('ppl'), False, r.get('ppl_std'))} | {_fmt(r.get('ppl_nontoxic'))} | "
+            f"{_fmt(r.get('ppl'), False, r.get('ppl_std'))} | "
+            f"{_fmt(r.get('ppl_nontoxic'), False, r.get('ppl_nontoxic_std'))} | "
             f"{_fmt(r.get('mmlu'), True, r.get('mmlu_std'))} | {r['n_seeds']} |")
     lines += ["", "Lowest toxicity (%) reachable within a utility budget (means over seeds):", "",
-              ("| method | budget | without gate | with DSAS | Δ (points) | front at budget: "
-               "without | with DSAS | Δ (points) |"), "|---|---|---|---|---|---|---|---|"]
+              ("| method | gate | budget | without gate | with gate | Δ (points) | front at budget: "
+               "without | with gate | Δ (points) |"), "|" + "---|" * 9]
 
     def delta(d: float) -> str:
         return "–" if math.isnan(d) else f"{100 * d:+.1f}"
 
     for c in comparison:
-        lines.append(f"| {c['method']} | {c['budget']} | {_fmt(c.get('toxicity_none'), True)} | "
-                     f"{_fmt(c.get('toxicity_dsas'), True)} | {delta(c['difference'])} | "
-                     f"{_fmt(c.get('toxicity_none_at'), True)} | "
-                     f"{_fmt(c.get('toxicity_dsas_at'), True)} | "
-                     f"{delta(c.get('difference_at', float('nan')))} |")
+        lines.append(f"| {c['method']} | {c['gate']} | {c['budget']} | "
+                     f"{_fmt(c['toxicity_without'], True)} | {_fmt(c['toxicity_with'], True)} | "
+                     f"{delta(c['difference'])} | {_fmt(c['toxicity_without_at'], True)} | "
+                     f"{_fmt(c['toxicity_with_at'], True)} | {delta(c['difference_at'])} |")
     return "\n".join(lines) + "\n"

@@ -5,10 +5,21 @@ and the control set (label 0) → PCA with r components (default 5) → logistic
 held-out accuracy by stratified k-fold cross-validation; then the pipeline is folded into
 ``h(t) = sigmoid(ŵ·t + b̂)`` with ``ŵ = Pᵀw`` (``/σ`` per component when whitening) and
 ``b̂ = b − ŵ·μ``. At inference a gate costs one dot product per token.
+
+Variants measured in docs/dsas-measured.md (each an option of ``DSASOptions``):
+
+* ``train_on="tokens"``: fit on the activation of every token (as the gate is applied) instead of
+  on text means; cross-validation folds then keep the tokens of one text together.
+* ``negatives="control+target"``: the contrastive gate, source vs control ∪ target, so that the
+  domain of the source (e.g. tweets) cannot separate the classes on its own.
+* ``calibrate=q``: after the fit, a temperature and a bias set so that a share ``q`` of the
+  negative tokens gets a gate below ``calibrate_eps`` and the median source token a gate of
+  ``1 − calibrate_eps`` (bias only when the medians are not separated).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -17,11 +28,12 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from ..activations import TOKEN_TEXT
 from ..kernel import LinearGate
 from ..maps.base import as_float_rows
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
@@ -45,6 +57,28 @@ class DSASOptions:
     whiten: bool = False
     C: float = 1.0
     seed: int = 0
+    train_on: Literal["means", "tokens"] = "means"
+    negatives: Literal["control", "control+target"] = "control"
+    calibrate: float | None = None
+    calibrate_eps: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.train_on not in ("means", "tokens"):
+            raise ValueError(f"DSAS train_on must be 'means' or 'tokens' (got {self.train_on!r})")
+        if self.negatives not in ("control", "control+target"):
+            raise ValueError(f"DSAS negatives must be 'control' or 'control+target' "
+                             f"(got {self.negatives!r})")
+        if self.calibrate is not None and not 0.0 < self.calibrate < 1.0:
+            raise ValueError(f"DSAS calibrate is a share in (0, 1) (got {self.calibrate})")
+        if not 0.0 < self.calibrate_eps < 0.5:
+            raise ValueError(f"DSAS calibrate_eps must be in (0, 0.5) (got {self.calibrate_eps})")
+        if self.n_components < 1:
+            raise ValueError(f"DSAS n_components must be ≥ 1 (got {self.n_components})")
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the fit needs per-token activations (token training or calibration)."""
+        return self.train_on == "tokens" or self.calibrate is not None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,9 +129,12 @@ class DSASGate(Gate):
 
     @classmethod
     def fit(
-        cls, source: Tensor, control: Tensor, options: DSASOptions | None = None
+        cls, source: Tensor, control: Tensor, options: DSASOptions | None = None, *,
+        groups: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[DSASGate, float]:
-        """Fit on pooled activations; returns the folded gate and its CV accuracy."""
+        """Fit on activations (one row per text, or per token); returns the folded gate and its
+        cross-validated accuracy. ``groups``: the text index of each source and control row
+        (token training), so that no text has tokens on both sides of a fold."""
         opts = options or DSASOptions()
         s = as_float_rows(source, "source activations").double().numpy()
         c = as_float_rows(control, "control activations").double().numpy()
@@ -109,17 +146,30 @@ class DSASGate(Gate):
         r = min(opts.n_components, x.shape[1], x.shape[0] - 1)
         if r < opts.n_components:
             warnings.warn(f"PCA rank lowered from {opts.n_components} to {r} (data too small)")
+        # unequal classes (tokens, contrastive negatives): weigh them equally
+        balanced = "balanced" if opts.train_on == "tokens" or opts.negatives != "control" else None
 
         def pipeline():
             return make_pipeline(
                 PCA(n_components=r, whiten=opts.whiten, random_state=opts.seed),
-                LogisticRegression(C=opts.C, max_iter=2000),
+                LogisticRegression(C=opts.C, max_iter=2000, class_weight=balanced),
             )
 
-        folds = StratifiedKFold(n_splits=opts.cv_folds, shuffle=True, random_state=opts.seed)
+        cv_kw: dict[str, Any] = {}
+        if groups is None:
+            folds: Any = StratifiedKFold(n_splits=opts.cv_folds, shuffle=True,
+                                         random_state=opts.seed)
+        else:
+            folds = StratifiedGroupKFold(n_splits=opts.cv_folds, shuffle=True,
+                                         random_state=opts.seed)
+            # source and control texts are numbered apart, so a group is one text
+            gs, gc = (g.reshape(-1).long().numpy() for g in groups)
+            cv_kw["groups"] = np.concatenate([gs, gc + int(gs.max()) + 1])
+        scoring = "balanced_accuracy" if balanced else "accuracy"
         # tiny problems: BLAS threads only add contention (seconds on a busy 2-core machine)
         with threadpool_limits(limits=1, user_api="blas"):
-            acc = float(cross_val_score(pipeline(), x, y, cv=folds, scoring="accuracy").mean())
+            acc = float(cross_val_score(pipeline(), x, y, cv=folds, scoring=scoring,
+                                        **cv_kw).mean())
             pipe = pipeline().fit(x, y)
         pca, lr = pipe[0], pipe[1]
         w = lr.coef_[0]
@@ -129,6 +179,28 @@ class DSASGate(Gate):
         b_hat = float(lr.intercept_[0] - w_hat @ pca.mean_)
         gate = cls(torch.from_numpy(w_hat).float(), torch.tensor(b_hat, dtype=torch.float32))
         return gate, acc
+
+
+def calibrate_gate(gate: DSASGate, source: Tensor, negatives: Tensor, share: float,
+                   eps: float) -> dict[str, float]:
+    """Rescale the gate's logit ``z → a·z + c`` so that a share ``share`` of the negative tokens
+    gets a gate below ``eps`` and the median source token ``1 − eps`` (a temperature and a
+    bias); when the source median is not above that negative quantile, only the bias moves
+    (a = 1). Returns the new (a, c) and the shares reached on the given tokens."""
+    with torch.no_grad():
+        zs, zn = gate.logits(source.float()), gate.logits(negatives.float())
+    lo, hi = math.log(eps / (1 - eps)), math.log((1 - eps) / eps)
+    q_neg = float(torch.quantile(zn.double(), share))
+    med_s = float(zs.double().median())
+    a = (hi - lo) / (med_s - q_neg) if med_s > q_neg else 1.0
+    c = lo - a * q_neg
+    gate.weight.mul_(a)
+    gate.bias.mul_(a).add_(c)
+    with torch.no_grad():
+        neg_below = float((gate.logits(negatives.float()) < lo).float().mean())
+        src_open = float(gate.logits(source.float()).sigmoid().mean())
+    return {"calibration_scale": a, "calibration_shift": c, "negatives_below_eps": neg_below,
+            "source_mean_gate": src_open}
 
 
 def layer_scale(accuracy: float, options: DSASOptions) -> tuple[float, bool]:
@@ -147,13 +219,24 @@ def layer_scale(accuracy: float, options: DSASOptions) -> tuple[float, bool]:
 
 
 def fit_dsas_gates(sites, acts_s, acts_c, options: DSASOptions) -> tuple[dict[str, DSASGate],
-                                                                         dict[str, float]]:
-    """One folded DSAS gate per site (S vs C, mean-pooled) and its held-out accuracy."""
-    gates, accs = {}, {}
+                                                                         dict[str, dict]]:
+    """One folded DSAS gate per site (S vs negatives: text means or tokens, then optionally
+    calibrated on tokens) and its diagnostics (held-out accuracy under ``gate_accuracy``).
+    ``acts_c`` holds the negatives (control, or control ∪ target: ``steerwise.fit``)."""
+    gates, diags = {}, {}
     for s in sites:
-        gates[s.name], accs[s.name] = DSASGate.fit(acts_s[s.name]["mean"], acts_c[s.name]["mean"],
-                                                   options)
-    return gates, accs
+        a_s, a_c = acts_s[s.name], acts_c[s.name]
+        if options.train_on == "tokens":
+            gate, acc = DSASGate.fit(a_s["tokens"], a_c["tokens"], options,
+                                     groups=(a_s[TOKEN_TEXT], a_c[TOKEN_TEXT]))
+        else:
+            gate, acc = DSASGate.fit(a_s["mean"], a_c["mean"], options)
+        diags[s.name] = {"gate_accuracy": acc}
+        if options.calibrate is not None:
+            diags[s.name].update(calibrate_gate(gate, a_s["tokens"], a_c["tokens"],
+                                                options.calibrate, options.calibrate_eps))
+        gates[s.name] = gate
+    return gates, diags
 
 
 @register_gate_fitter
@@ -168,11 +251,11 @@ class DSASFitter(GateFitter):
 
     def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
         dsas = self.options(opts)
-        gates, accs = fit_dsas_gates(sites, acts_s, acts_c, dsas)
+        gates, diags = fit_dsas_gates(sites, acts_s, acts_c, dsas)
         scales = {}
         for name, gate in gates.items():
-            scales[name], gate.constant = layer_scale(accs[name], dsas)
-        return GateFit(dict(gates), scales, {n: {"gate_accuracy": a} for n, a in accs.items()})
+            scales[name], gate.constant = layer_scale(diags[name]["gate_accuracy"], dsas)
+        return GateFit(dict(gates), scales, diags)
 
     def warnings(self, entries, opts) -> list[str]:
         accs = [e.diagnostics["gate_accuracy"] for e in entries if "gate_accuracy" in e.diagnostics]

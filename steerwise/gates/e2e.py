@@ -81,15 +81,14 @@ class E2EFitter(GateFitter):
     def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
         from .dsas import fit_dsas_gates
 
-        dsas, accs = fit_dsas_gates(sites, acts_s, acts_c, opts.dsas)
+        dsas, diags = fit_dsas_gates(sites, acts_s, acts_c, opts.dsas)
         from_dsas = opts.lineas.e2e_init == "dsas"
         gates: dict[str, Gate] = {
             n: E2EGate.init(int(g.weight.numel()), opts.lineas.e2e_gate,
                             g.weight if from_dsas else None, g.bias if from_dsas else None)
             for n, g in dsas.items()
         }
-        return GateFit(gates, {n: 1.0 for n in gates},
-                       {n: {"gate_accuracy": a} for n, a in accs.items()})
+        return GateFit(gates, {n: 1.0 for n in gates}, diags)
 
     def finish(self, entries, fitted, acts_s, acts_c, extra):
         with torch.no_grad():
