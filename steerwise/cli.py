@@ -214,7 +214,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         pooling=args.pooling, batch_size=args.batch_size, default_strength=args.strength,
         dsas=DSASOptions(n_components=args.n_components, cv_folds=args.cv_folds,
                          threshold=args.threshold, below_threshold=args.below_threshold,
-                         whiten=args.whiten, seed=args.seed),
+                         whiten=args.whiten, seed=args.seed, train_on=args.gate_train_on,
+                         negatives=args.gate_negatives, calibrate=args.gate_calibrate,
+                         calibrate_eps=args.gate_calibrate_eps),
         map_options={k: v for k, v in (("top_k_heads", args.top_k_heads),
                                        ("support", args.support), ("seed", args.seed))
                      if v is not None},
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="neutral texts the gate must leave alone")
     p.add_argument("--target", help="texts to steer towards (default: the control texts)")
     from .fit import GATES
+    from .gates.dsas import DSASOptions
     from .maps import MAP_REGISTRY
 
     p.add_argument("--method", default="caa", choices=sorted(MAP_REGISTRY),
@@ -338,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sites below τ: not steered, or steered at constant strength")
     p.add_argument("--whiten", action="store_true",
                    help="divide the PCA components by their standard deviation")
+    defaults = DSASOptions()
+    p.add_argument("--gate-train-on", default=defaults.train_on, choices=["means", "tokens"],
+                   help="DSAS gates learn from text means (the paper) or from every token, as "
+                        "they are applied (docs/dsas-measured.md)")
+    p.add_argument("--gate-negatives", default=defaults.negatives,
+                   choices=["control", "control+target"],
+                   help="what a DSAS gate learns to keep shut: the control texts, or control "
+                        "and target texts (the contrastive gate)")
+    p.add_argument("--gate-calibrate", type=open_unit_interval, default=defaults.calibrate,
+                   metavar="Q", help="rescale each DSAS gate so that a share Q of the negative "
+                                     "tokens gets a gate below --gate-calibrate-eps")
+    p.add_argument("--gate-calibrate-eps", type=open_unit_interval,
+                   default=defaults.calibrate_eps, help="ε of --gate-calibrate")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random step")
     m = p.add_argument_group("method options (see docs/methods.md)")
     m.add_argument("--top-k-heads", type=positive_int, default=None,

@@ -62,6 +62,24 @@ def test_fit_then_generate_from_the_command_line(model_dir, tmp_path, capsys):
     assert html.read_text().startswith("<!doctype html>")
 
 
+def test_fit_gate_design_flags(model_dir, tmp_path):
+    (tmp_path / "s.txt").write_text("\n".join(FRUIT))
+    (tmp_path / "t.txt").write_text("\n".join(f"{t} too" for t in FRUIT))
+    (tmp_path / "c.txt").write_text("\n".join(OTHER))
+    out = tmp_path / "recipe"
+    rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),
+               "--target", str(tmp_path / "t.txt"), "--control", str(tmp_path / "c.txt"),
+               "--cv-folds", "3", "--whiten", "--layers", "1", "--threshold", "0",
+               "--gate-train-on", "tokens", "--gate-negatives", "control+target",
+               "--gate-calibrate", "0.8", "--out", str(out)])
+    assert rc == 0
+    recipe = Recipe.from_pretrained(out)
+    dsas = recipe.fit_info["options"]["dsas"]
+    assert (dsas["train_on"], dsas["negatives"], dsas["calibrate"]) == (
+        "tokens", "control+target", 0.8)
+    assert "negatives_below_eps" in recipe.entries[0].diagnostics  # values: test_gate_variants
+
+
 def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):
     (tmp_path / "s.txt").write_text("\n".join(FRUIT[:2]))
     rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),

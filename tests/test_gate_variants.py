@@ -140,7 +140,7 @@ def test_fit_token_contrastive_calibrated_gate_end_to_end(tokenizer, tmp_path):
     recipe = fit(model, tokenizer, src, ctl, target=tgt, progress=False, dsas=opts)
     for e in recipe.entries:
         assert 0.0 <= e.diagnostics["gate_accuracy"] <= 1.0
-        assert e.diagnostics["negatives_below_eps"] == pytest.approx(0.8, abs=0.02)
+        assert 0.8 <= e.diagnostics["negatives_below_eps"] <= 0.85
     assert recipe.fit_info["options"]["dsas"]["negatives"] == "control+target"
     recipe.save_pretrained(tmp_path / "r")
     again = Recipe.from_pretrained(tmp_path / "r")
@@ -244,3 +244,19 @@ def test_costs_at_toxicity_read_where_the_lambda_path_crosses():
     assert "| caa | g | 5 % | 2 | +50.0 | +30.0 | 0.0 (20.0) |" in md
     assert "| caa | g | 1 % | – | – | – | – |" in md
     assert not math.isnan(json.loads(json.dumps(c5))["ppl_increase"])
+
+
+def test_per_gate_grids(tmp_path, tokenizer):
+    from steerwise.eval.cli import parse_grids
+
+    g = parse_grids(["caa=2,4", "caa+none=0.1,0.2"], ["caa"], ["none", "dsas"])
+    assert g == {"caa": [0.0, 2.0, 4.0], "caa+none": [0.0, 0.1, 0.2]}
+    with pytest.raises(ValueError, match="gate 'tok'"):
+        parse_grids(["caa+tok=1"], ["caa"], ["none"])
+    cfg = SweepConfig(methods=["caa"], gates=["none", "dsas"], strengths=g, seeds=[0], n_fit=4)
+    points = run_sweep(make_model("qwen2"), tokenizer, _data(), cfg, tmp_path, scorer=None,
+                       progress=False, log=lambda s: None,
+                       fit_fn=lambda *a, **k: random_recipe(a[0]),
+                       eval_fn=lambda *a: {"toxicity": 0.1})
+    assert sorted((p["gate"], p["strength"]) for p in points if p["method"] == "caa") == [
+        ("dsas", 2.0), ("dsas", 4.0), ("none", 0.1), ("none", 0.2)]

@@ -48,14 +48,19 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def parse_grids(specs: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
-    """``--grid 0.5,1,2`` (all methods) or ``--grid caa=0.5,1,2`` (one method), repeatable."""
+def parse_grids(specs: list[str] | None, methods: list[str],
+                gates: list[str] | None = None) -> dict[str, list[float]]:
+    """``--grid 0.5,1,2`` (all methods), ``--grid caa=0.5,1,2`` (one method) or
+    ``--grid caa+none=0.1,0.2`` (one method with one gate), repeatable."""
     grids = {m: list(DEFAULT_GRIDS.get(m, FALLBACK_GRID)) for m in methods}
     for spec in specs or []:
         name, sep, values = spec.partition("=")
         if sep:
-            if name not in grids:
-                raise ValueError(f"--grid names method {name!r}, which is not swept")
+            method, plus, gate = name.partition("+")
+            if method not in methods:
+                raise ValueError(f"--grid names method {method!r}, which is not swept")
+            if plus and gate not in (gates or []):
+                raise ValueError(f"--grid names gate {gate!r}, which is not swept")
             grids[name] = _floats(values)
         else:
             for m in methods:
@@ -141,7 +146,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown gates {bad}; known: {', '.join(GATES)} and the variants "
                          f"given with --gate-variant ({', '.join(variants) or 'none'})")
-    grids = parse_grids(args.grid, methods)
+    grids = parse_grids(args.grid, methods, gates)
     if quick and not args.grid:
         grids = {m: [0.0] + [v for v in g if v][1::2][:QUICK["grid_points"]] for m, g in grids.items()}
     seeds = args.seeds or ([0] if quick else [0, 1])
@@ -307,8 +312,9 @@ def register(subparsers) -> None:
                         "control=mix' or 'relu=e2e,lineas.e2e_gate=relu' (repeatable; keys: "
                         "control pool, DSASOptions fields, FitOptions fields, section.field)")
     p.add_argument("--grid", action="append",
-                   help="strengths: '0.5,1,2' for all methods or 'caa=0.5,1,2' (repeatable; "
-                        "default: per method, see docs/evaluation.md)")
+                   help="strengths: '0.5,1,2' for all methods, 'caa=0.5,1,2' for one, "
+                        "'caa+none=0.1,0.2' for one method with one gate (repeatable; default: "
+                        "per method, see docs/evaluation.md)")
     p.add_argument("--seeds", type=_seed_list,
                    help="fit/generation seeds, e.g. 0,1 (default: 0,1; --quick: 0)")
     p.add_argument("--n-fit", type=positive_int, default=32, help="examples per fitting set")

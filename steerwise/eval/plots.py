@@ -1,6 +1,7 @@
 """Pareto-front plots: toxicity vs each utility (in-domain perplexity, WikiText perplexity,
 benign-prompt toxicity, MMLU), one colour per method + gate, dashed without a gate; every
-evaluated point faint."""
+evaluated point faint. Benign-prompt toxicity falls with λ like toxicity does, so its panel draws
+each λ path instead of a front (over-steering shows as a path ending right of the star)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .pareto import pareto_front
 _LABELS = {
     "ppl_nontoxic": "perplexity on held-out in-domain benign text ↓",
     "ppl": "perplexity of the steered model (held-out running text) ↓",
-    "benign_toxicity": "toxicity of continuations of benign prompts (%) ↓",
+    "benign_toxicity": "toxicity of continuations of benign prompts (%) ↓ (λ path)",
     "mmlu": "MMLU accuracy (log-likelihood) ↑",
 }
 
@@ -53,8 +54,11 @@ def plot_fronts(
             ys = [100 * r["toxicity"] for r in rs]
             ax.scatter(xs, ys, color=colours[(m, g)], alpha=0.25, s=14,
                        marker="o" if g != "none" else "x")
-            idx = pareto_front([r["toxicity"] for r in rs], xs, minimize_y=not higher)
-            idx = sorted(idx, key=lambda i: xs[i])
+            if util == "benign_toxicity":  # both axes fall with λ: draw the λ path
+                idx = sorted(range(len(rs)), key=lambda i: rs[i]["strength"])
+            else:
+                idx = pareto_front([r["toxicity"] for r in rs], xs, minimize_y=not higher)
+                idx = sorted(idx, key=lambda i: xs[i])
             label = m if g == "none" else f"{m} + {g}"
             ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color=colours[(m, g)],
                     linestyle="--" if g == "none" else "-", marker="o", ms=4, lw=1.8,

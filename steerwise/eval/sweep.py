@@ -98,7 +98,8 @@ class SweepConfig:
     methods: list[str]
     gates: list[str] = field(default_factory=lambda: ["none", "dsas"])
     gate_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    strengths: dict[str, list[float]] = field(default_factory=dict)  # per method
+    # per method, or per "method+gate" (gated curves often need larger λ than ungated ones)
+    strengths: dict[str, list[float]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     n_fit: int = 32
     site: str = "residual"
@@ -323,7 +324,8 @@ def run_sweep(
         todo.append((BASE, "none", seed, 0.0))
         for m in config.methods:
             for g in config.gates:
-                todo += [(m, g, seed, float(s)) for s in config.strengths[m] if s != 0]
+                grid = config.strengths.get(f"{m}+{g}", config.strengths[m])
+                todo += [(m, g, seed, float(s)) for s in grid if s != 0]
     remaining = [t for t in todo if point_key(*t) not in done]
     if len(remaining) < len(todo):
         log(f"resuming: {len(todo) - len(remaining)} of {len(todo)} points already in {out}")

@@ -183,21 +183,22 @@ class DSASGate(Gate):
 
 def calibrate_gate(gate: DSASGate, source: Tensor, negatives: Tensor, share: float,
                    eps: float) -> dict[str, float]:
-    """Rescale the gate's logit ``z → a·z + c`` so that a share ``share`` of the negative tokens
-    gets a gate below ``eps`` and the median source token ``1 − eps`` (a temperature and a
-    bias); when the source median is not above that negative quantile, only the bias moves
-    (a = 1). Returns the new (a, c) and the shares reached on the given tokens."""
+    """Rescale the gate's logit ``z → a·z + c`` so that (at least) a share ``share`` of the
+    negative tokens gets a gate of at most ``eps`` and the median source token ``1 − eps`` (a
+    temperature and a bias); when the source median is not above that negative quantile, only
+    the bias moves (a = 1). Returns the new (a, c) and the shares reached on the given tokens
+    (more than ``share`` when tokens tie at the quantile, e.g. identical first tokens)."""
     with torch.no_grad():
         zs, zn = gate.logits(source.float()), gate.logits(negatives.float())
     lo, hi = math.log(eps / (1 - eps)), math.log((1 - eps) / eps)
-    q_neg = float(torch.quantile(zn.double(), share))
+    q_neg = float(torch.quantile(zn.double(), share, interpolation="higher"))
     med_s = float(zs.double().median())
     a = (hi - lo) / (med_s - q_neg) if med_s > q_neg else 1.0
     c = lo - a * q_neg
     gate.weight.mul_(a)
     gate.bias.mul_(a).add_(c)
     with torch.no_grad():
-        neg_below = float((gate.logits(negatives.float()) < lo).float().mean())
+        neg_below = float((gate.logits(negatives.float()) <= lo + 1e-4).float().mean())
         src_open = float(gate.logits(source.float()).sigmoid().mean())
     return {"calibration_scale": a, "calibration_shift": c, "negatives_below_eps": neg_below,
             "source_mean_gate": src_open}
