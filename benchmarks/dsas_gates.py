@@ -70,6 +70,24 @@ def text_sets(data: Path, n: int) -> dict[str, list[str]]:
     }
 
 
+def token_gates(gate, a: dict) -> torch.Tensor:
+    """The gate's value at every collected token (a text's tokens are contiguous and in order,
+    so a prefix-mean gate gets the running mean of its text's dot products)."""
+    if getattr(gate, "apply_on", "tokens") == "prefix-mean" and not gate.constant:
+        z = (a["tokens"] @ gate.weight).double()
+        owner = a[TOKEN_TEXT].flatten().long()
+        start = torch.ones_like(owner, dtype=torch.bool)
+        start[1:] = owner[1:] != owner[:-1]
+        seg = torch.cumsum(start.long(), 0) - 1
+        first = torch.nonzero(start).flatten()
+        cs = torch.cumsum(z, 0)
+        before = torch.where(first > 0, cs[first - 1], torch.zeros_like(cs[first]))
+        pos = torch.arange(len(z)) - first[seg] + 1
+        return torch.sigmoid((cs - before[seg]) / pos + gate.bias.double()).float()
+    g = gate(a["tokens"], StepContext())
+    return torch.ones(a["tokens"].shape[0]) if g is None else g.detach().float()
+
+
 def text_strengths(recipe: Recipe, acts: dict, n_texts: int) -> torch.Tensor:
     """Per text: mean over its tokens of the mean over steered layers of a_l · g_l(t)."""
     steered = [e for e in recipe.entries if e.scale > 0]
@@ -77,9 +95,7 @@ def text_strengths(recipe: Recipe, acts: dict, n_texts: int) -> torch.Tensor:
         return torch.zeros(n_texts)
     total = None
     for e in steered:
-        a = acts[e.site.name]
-        g = e.gate(a["tokens"], StepContext())
-        g = torch.ones(a["tokens"].shape[0]) if g is None else g.detach().float()
+        g = token_gates(e.gate, acts[e.site.name])
         total = e.scale * g if total is None else total + e.scale * g
     owner = acts[steered[0].site.name][TOKEN_TEXT].flatten().long()
     return text_means(total / len(steered), owner, n_texts)
@@ -103,8 +119,7 @@ def layer_aurocs(recipe: Recipe, acts: dict, sets: dict[str, list[str]]) -> list
         per_set = {}
         for key in ("rtp_toxic", "rtp_nontoxic"):
             a = acts[key][e.site.name]
-            g = e.gate(a["tokens"], StepContext())
-            g = torch.ones(a["tokens"].shape[0]) if g is None else g.detach().float()
+            g = token_gates(e.gate, a)
             per_set[key] = text_means(g, a[TOKEN_TEXT].flatten().long(), len(sets[key]))
         out.append(auroc(per_set["rtp_toxic"], per_set["rtp_nontoxic"]))
     return out

@@ -260,3 +260,62 @@ def test_per_gate_grids(tmp_path, tokenizer):
                        eval_fn=lambda *a: {"toxicity": 0.1})
     assert sorted((p["gate"], p["strength"]) for p in points if p["method"] == "caa") == [
         ("dsas", 2.0), ("dsas", 4.0), ("none", 0.1), ("none", 0.2)]
+
+
+# ---- the prefix-mean gate: trained on text means, applied on causal prefix means --------------
+def _prefix_recipe(model):
+    recipe = random_recipe(model, scale=20.0)
+    for e in recipe.entries:
+        e.gate.apply_on = "prefix-mean"
+    return recipe
+
+
+def test_prefix_mean_gate_reads_the_mean_of_the_sequence_so_far():
+    gate = DSASGate(torch.tensor([1.0, -2.0]), torch.tensor(0.5), apply_on="prefix-mean")
+    t = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [0.0, 0.0]]])
+    ctx = StepContext(attention_mask=torch.tensor([[0, 1, 1]]))  # left padding
+    z = t @ gate.weight
+    want = torch.sigmoid(torch.stack([torch.tensor(0.0), z[0, 1], (z[0, 1] + z[0, 2]) / 2]) + 0.5)
+    torch.testing.assert_close(gate(t, ctx)[0, 1:], want[1:])
+    # a decode step continues the sums: the mean now covers three real tokens
+    step = StepContext(attention_mask=torch.tensor([[1]]), is_prefill=False, state=ctx.state)
+    nxt = torch.tensor([[[2.0, 2.0]]])
+    mean3 = (z[0, 1] + z[0, 2] + nxt[0, 0] @ gate.weight) / 3
+    torch.testing.assert_close(gate(nxt, step)[0, 0], torch.sigmoid(mean3 + 0.5))
+    assert gate.linear_form().kind == "external"
+    with pytest.raises(ValueError, match="apply_on"):
+        DSASGate(torch.zeros(2), torch.zeros(()), apply_on="words")
+
+
+def test_prefix_mean_gate_cached_generation_equals_full_recompute_and_padding():
+    from test_hooks import IDS, _generate, logits
+
+    model = make_model("qwen2")
+    recipe = _prefix_recipe(model)
+    ids = torch.tensor([IDS[0]])
+    with recipe.apply(model, 1.5):
+        seq, step_logits = _generate(model, ids, torch.ones_like(ids))
+        full = logits(model, seq)
+    torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1:-1], rtol=1e-4, atol=1e-4)
+    padded, mask = pad_batch(IDS, 0, torch.device("cpu"))
+    with recipe.apply(model, 1.5):
+        _, lg = _generate(model, padded, mask)
+        for r, row in enumerate(IDS):
+            one = torch.tensor([row])
+            _, lg1 = _generate(model, one, torch.ones_like(one))
+            torch.testing.assert_close(lg[r], lg1[0], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = logits(model, seq)
+    assert not torch.allclose(plain, full, atol=1e-3)  # it does steer
+
+
+def test_prefix_mean_recipe_round_trips_and_is_refused_by_the_server(tmp_path):
+    from steerwise.server.engine import refuse_unbatchable
+
+    model = make_model("qwen2")
+    recipe = _prefix_recipe(model)
+    recipe.save_pretrained(tmp_path / "r")
+    again = Recipe.from_pretrained(tmp_path / "r")
+    assert all(e.gate.apply_on == "prefix-mean" for e in again.entries)
+    with pytest.raises(ValueError, match="per-batch state"):
+        refuse_unbatchable("r", again)

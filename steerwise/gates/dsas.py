@@ -12,6 +12,8 @@ Variants measured in docs/dsas-measured.md (each an option of ``DSASOptions``):
   on text means; cross-validation folds then keep the tokens of one text together.
 * ``negatives="control+target"``: the contrastive gate, source vs control ∪ target, so that the
   domain of the source (e.g. tweets) cannot separate the classes on its own.
+* ``apply_on="prefix-mean"``: at run time the gate reads the mean activation of the sequence so
+  far instead of the current token's — trained on text means, applied on (causal) text means.
 * ``calibrate=q``: after the fit, a temperature and a bias set so that a share ``q`` of the
   negative tokens gets a gate below ``calibrate_eps`` and the median source token a gate of
   ``1 − calibrate_eps`` (bias only when the medians are not separated).
@@ -39,6 +41,9 @@ from ..maps.base import as_float_rows
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 
+APPLY_ON = ("tokens", "prefix-mean")
+
+
 @dataclass
 class DSASOptions:
     """Options of the offline DSAS fit (defaults from the DSAS paper; docs/algorithms.md).
@@ -61,6 +66,7 @@ class DSASOptions:
     negatives: Literal["control", "control+target"] = "control"
     calibrate: float | None = None
     calibrate_eps: float = 0.1
+    apply_on: Literal["tokens", "prefix-mean"] = "tokens"
 
     def __post_init__(self) -> None:
         if self.train_on not in ("means", "tokens"):
@@ -72,6 +78,8 @@ class DSASOptions:
             raise ValueError(f"DSAS calibrate is a share in (0, 1) (got {self.calibrate})")
         if not 0.0 < self.calibrate_eps < 0.5:
             raise ValueError(f"DSAS calibrate_eps must be in (0, 0.5) (got {self.calibrate_eps})")
+        if self.apply_on not in APPLY_ON:
+            raise ValueError(f"DSAS apply_on must be one of {APPLY_ON} (got {self.apply_on!r})")
         if self.n_components < 1:
             raise ValueError(f"DSAS n_components must be ≥ 1 (got {self.n_components})")
 
@@ -97,15 +105,25 @@ def check_two_class(ns: int, nc: int, cv_folds: int) -> None:
 
 @register_gate
 class DSASGate(Gate):
-    """``h(t) = sigmoid(w·t + b)``; ``constant=True`` turns it into a constant 1."""
+    """``h(t) = sigmoid(w·t + b)``; ``constant=True`` turns it into a constant 1.
+
+    ``apply_on="prefix-mean"``: the gate reads the mean of the activations of the sequence so
+    far (every real token up to and including this one) instead of this token's alone — the
+    statistic the gate was trained on (text means), applied causally. It keeps the running sum of
+    ``w·t`` and the token count per row (per-sequence state, cleared at every prefill), so it is
+    an external gate for the kernel; the server and steerwise.vllm refuse it like CAST."""
 
     kind = "dsas"
 
-    def __init__(self, weight: Tensor, bias: Tensor, *, constant: bool = False) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, *, constant: bool = False,
+                 apply_on: str = "tokens") -> None:
         super().__init__()
+        if apply_on not in APPLY_ON:
+            raise ValueError(f"DSAS apply_on must be one of {APPLY_ON} (got {apply_on!r})")
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", bias.detach().float().reshape(()).clone())
         self.constant = constant
+        self.apply_on = apply_on
 
     def logits(self, t: Tensor) -> Tensor:
         return t @ self.weight + self.bias
@@ -113,19 +131,46 @@ class DSASGate(Gate):
     def forward(self, t: Tensor, ctx: StepContext) -> Tensor | None:
         if self.constant:
             return None
-        return torch.matmul(t, self.weight).add_(self.bias).sigmoid_()
+        z = torch.matmul(t, self.weight)
+        if self.apply_on == "prefix-mean":
+            return (self._prefix_mean(z, ctx) + self.bias).sigmoid()
+        return z.add_(self.bias).sigmoid_()
+
+    def _prefix_mean(self, z: Tensor, ctx: StepContext) -> Tensor:
+        """Causal mean over each row's real tokens of ``z`` (batch, new tokens), continuing the
+        sums kept in ``ctx.state`` from earlier calls of the same sequence."""
+        if z.ndim != 2:
+            raise ValueError(f"a prefix-mean DSAS gate needs (batch, tokens, d) activations, got "
+                             f"{tuple(z.shape)} for the gate's dot products")
+        mask = ctx.attention_mask
+        m = (mask.to(z.device, z.dtype) if mask is not None and mask.shape == z.shape
+             else torch.ones_like(z))
+        state = None if ctx.is_prefill else ctx.state.get(id(self))
+        sums = torch.cumsum(z * m, dim=-1)
+        counts = torch.cumsum(m, dim=-1)
+        if state is not None:
+            if state[0].shape[0] != z.shape[0]:
+                raise RuntimeError(f"a prefix-mean DSAS gate saw {state[0].shape[0]} rows, now "
+                                   f"{z.shape[0]}: start a new sequence when the batch changes")
+            sums = sums + state[0].unsqueeze(-1)
+            counts = counts + state[1].unsqueeze(-1)
+        ctx.state[id(self)] = (sums[:, -1].detach(), counts[:, -1].detach())
+        return sums / counts.clamp_min(1.0)
 
     def linear_form(self) -> LinearGate:
         if self.constant:
             return LinearGate("one")
+        if self.apply_on == "prefix-mean":
+            return LinearGate("external")
         return LinearGate("sigmoid", self.weight, self.bias)
 
     def config(self) -> dict[str, Any]:
-        return {"constant": self.constant}
+        return {"constant": self.constant, "apply_on": self.apply_on}
 
     @classmethod
     def empty(cls, dim: int, config: dict[str, Any]) -> DSASGate:
-        return cls(torch.zeros(dim), torch.zeros(()), constant=bool(config.get("constant", False)))
+        return cls(torch.zeros(dim), torch.zeros(()), constant=bool(config.get("constant", False)),
+                   apply_on=config.get("apply_on", "tokens"))
 
     @classmethod
     def fit(
@@ -256,6 +301,7 @@ class DSASFitter(GateFitter):
         scales = {}
         for name, gate in gates.items():
             scales[name], gate.constant = layer_scale(diags[name]["gate_accuracy"], dsas)
+            gate.apply_on = dsas.apply_on
         return GateFit(dict(gates), scales, diags)
 
     def warnings(self, entries, opts) -> list[str]:
