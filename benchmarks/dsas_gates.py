@@ -144,7 +144,7 @@ def fitted_recipes(model, tok, specs: list[str], n_fit: int, seeds: list[int], d
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 recipe = fit(model, tok, source, control, target, opts, progress=False)
-            yield f"fit:{name}", "caa", name, seed, recipe
+            yield "fit", "caa", name, seed, recipe
 
 
 def main() -> int:
@@ -194,12 +194,14 @@ def main() -> int:
             "layer_gate_accuracy": [e.diagnostics.get("gate_accuracy") for e in recipe.entries],
             "layer_scale": [e.scale for e in recipe.entries],
         })
-    # mean ± std over seeds per (method, gate)
+    # mean ± std over seeds per (sweep or --fit, method, gate)
     keys = [k for k in per_recipe[0] if k.startswith(("mean_", "auroc_"))]
     summary = []
-    for method, gate in sorted({(r["method"], r["gate"]) for r in per_recipe}):
-        rs = [r for r in per_recipe if r["method"] == method and r["gate"] == gate]
-        row = {"method": method, "gate": gate, "n_seeds": len(rs)}
+    for source, method, gate in sorted({(r["source"], r["method"], r["gate"])
+                                        for r in per_recipe}):
+        rs = [r for r in per_recipe
+              if (r["source"], r["method"], r["gate"]) == (source, method, gate)]
+        row = {"source": source, "method": method, "gate": gate, "n_seeds": len(rs)}
         for k in keys:
             vals = [r[k] for r in rs]
             row[k] = statistics.fmean(vals)
@@ -209,11 +211,11 @@ def main() -> int:
                                                                      for r in rs))]
         summary.append(row)
     table = Table(title="mean effective gate strength per text set; AUROC of per-text strength")
-    for col in ("method", "gate", "RTP toxic", "RTP benign", "ratio", "WikiText", "ToxiGen hate",
+    for col in ("from", "method", "gate", "RTP toxic", "RTP benign", "ratio", "WikiText", "ToxiGen hate",
                 "ToxiGen neutral", "AUROC RTP", "AUROC ToxiGen", "seeds"):
-        table.add_column(col, justify="left" if col in ("method", "gate") else "right")
+        table.add_column(col, justify="left" if col in ("from", "method", "gate") else "right")
     for r in summary:
-        table.add_row(r["method"], r["gate"], *(f"{r[k]:.3f}" for k in (
+        table.add_row(Path(r["source"]).name, r["method"], r["gate"], *(f"{r[k]:.3f}" for k in (
             "mean_rtp_toxic", "mean_rtp_nontoxic")), f"{r['ratio_rtp']:.2f}",
             *(f"{r[k]:.3f}" for k in ("mean_wikitext", "mean_toxigen_hate",
                                       "mean_toxigen_neutral")),

@@ -417,6 +417,19 @@ def test_testbed_preset_uses_held_out_rows():
     assert d.ppl_texts[0].startswith("= Robert Boulter =")
     assert not set(d.source_pool) & set(d.target_pool)
     assert sum(len(v) for v in d.mmlu_questions.values()) == 4
+    # every control pool is disjoint from every evaluation set; the default is the WikiText one
+    from steerwise.eval.data import word_chunks
+
+    assert d.control_pool is d.control_pools["wikitext"]
+    held_pieces = {c for a in d.ppl_texts for c in word_chunks(a)}
+    evaluation = set(d.toxic_prompts) | set(d.benign_prompts) | set(d.ppl_prompts)
+    for name, pool in d.control_pools.items():
+        assert len(pool) >= 1000, name
+        assert not set(pool) & held_pieces, name
+        assert not any(t.startswith(p) for t in pool for p in evaluation), name
+    mix = d.control_pools["mix"]
+    assert set(mix[0::2]) <= set(d.control_pools["rtp-nontoxic"])
+    assert set(mix[1::2]) <= set(d.control_pools["wikitext"])
 
 
 @pytest.mark.skipif(not TESTBED.is_dir(), reason="the shared testbed model is absent")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_model, random_recipe
+
 from steerwise import activations
 from steerwise.activations import TOKEN_TEXT, collect_activations, pad_batch
 from steerwise.eval.sweep import (
@@ -288,7 +288,7 @@ def test_prefix_mean_gate_reads_the_mean_of_the_sequence_so_far():
 
 
 def test_prefix_mean_gate_cached_generation_equals_full_recompute_and_padding():
-    from test_hooks import IDS, _generate, logits
+    from test_hooks import IDS, _generate, assert_padded_batch_equals_rows_alone, logits
 
     model = make_model("qwen2")
     recipe = _prefix_recipe(model)
@@ -297,13 +297,7 @@ def test_prefix_mean_gate_cached_generation_equals_full_recompute_and_padding():
         seq, step_logits = _generate(model, ids, torch.ones_like(ids))
         full = logits(model, seq)
     torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1:-1], rtol=1e-4, atol=1e-4)
-    padded, mask = pad_batch(IDS, 0, torch.device("cpu"))
-    with recipe.apply(model, 1.5):
-        _, lg = _generate(model, padded, mask)
-        for r, row in enumerate(IDS):
-            one = torch.tensor([row])
-            _, lg1 = _generate(model, one, torch.ones_like(one))
-            torch.testing.assert_close(lg[r], lg1[0], rtol=1e-4, atol=1e-4)
+    assert_padded_batch_equals_rows_alone(model, recipe)
     with torch.no_grad():
         plain = logits(model, seq)
     assert not torch.allclose(plain, full, atol=1e-3)  # it does steer

@@ -328,12 +328,13 @@ def register(subparsers) -> None:
     g.add_argument("--preset", choices=["testbed"],
                    help="read every set from --data-dir (default: the files given below)")
     g.add_argument("--data-dir", help="directory in the shared data layout (with --preset)")
-    g.add_argument("--control-pool", default="rtp-nontoxic",
-                   choices=["rtp-nontoxic", "neither", "wikitext", "mix"],
-                   help="testbed preset: default control texts ('rtp-nontoxic': training rows "
-                        "of rtp_nontoxic.jsonl; 'neither': Davidson neutral tweets; 'wikitext': "
-                        "training-article paragraphs; 'mix': half rtp, half wikitext); a gate "
-                        "variant may name another")
+    g.add_argument("--control-pool", default="wikitext",
+                   choices=["wikitext", "rtp-nontoxic", "neither", "mix"],
+                   help="testbed preset: default control texts ('wikitext', default: paragraphs "
+                        "of the WikiText articles not held out — measured best, see "
+                        "docs/dsas-measured.md; 'rtp-nontoxic': training rows of "
+                        "rtp_nontoxic.jsonl; 'neither': Davidson neutral tweets; 'mix': half "
+                        "rtp, half wikitext); a gate variant may name another")
     g.add_argument("--n-ppl-continuations", type=positive_int, default=None,
                    help="testbed preset: held-out non-toxic continuations for perplexity "
                         "(default: 200; --quick: 40)")

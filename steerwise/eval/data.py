@@ -12,12 +12,14 @@ testbed LM never saw:
 * MMLU: test questions (the testbed saw them: this measures retained memorised knowledge);
 * fitting pools: source = Davidson tweets labelled ``offensive`` or ``hate``; target = Davidson
   tweets labelled ``neither`` (same domain as the source, so a map moves toxicity, not style);
-  control = one of the named pools of ``CONTROL_POOLS``: prompt + continuation of the
-  *training* rows (0–999) of ``rtp_nontoxic.jsonl`` (``rtp-nontoxic``, default: the kind of
-  text the benign evaluation prompts are, never the held-out rows), ``neither`` tweets (with
-  32 examples the mean-trained gates then reach only 0.6–0.77 accuracy), WikiText paragraphs
-  of the articles not held out (``wikitext``, out of domain) or half of each (``mix``). Every
-  pool is in ``SweepData.control_pools``, so one sweep can compare gates fitted on each.
+  control = one of the named pools of ``CONTROL_POOLS``: WikiText paragraphs of the articles
+  not held out for perplexity (``wikitext``, default: out of domain, and the control whose gates
+  cost least in-domain perplexity at equal toxicity, docs/dsas-measured.md), prompt +
+  continuation of the *training* rows (0–999) of ``rtp_nontoxic.jsonl`` (``rtp-nontoxic``: the
+  kind of text the benign evaluation prompts are, never the held-out rows), ``neither`` tweets
+  (with 32 examples the mean-trained gates then reach only 0.6–0.77 accuracy) or half of
+  ``rtp-nontoxic`` and ``wikitext`` each (``mix``). Every pool is in
+  ``SweepData.control_pools``, so one sweep can compare gates fitted on each.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .mmlu import list_subjects, load_mmlu
 from .sweep import SweepData
 
 _ARTICLE = re.compile(r"^ = (?!=).*[^=] = $")
+_HEADING = re.compile(r"^=.*=$")  # a stripped title or section line: "= = History = ="
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -63,12 +66,12 @@ CONTROL_POOLS = {
 
 
 def word_chunks(text: str, words: int = 40) -> list[str]:
-    """Paragraphs of ``text`` (lines; WikiText titles dropped) cut into pieces of about
-    ``words`` words (a short last piece joins the one before)."""
+    """Paragraphs of ``text`` (lines; WikiText titles and section headings dropped) cut into
+    pieces of about ``words`` words (a short last piece joins the one before)."""
     out = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or _ARTICLE.match(line):
+        if not line or _HEADING.match(line):
             continue
         ws = line.split()
         pieces = [ws[i:i + words] for i in range(0, len(ws), words)]
@@ -98,7 +101,7 @@ def testbed_data(
     mmlu_subjects: Sequence[str] | int | None = 10,
     mmlu_per_subject: int | None = 20,
     mmlu_dir: str | Path | None = None,
-    control: str = "rtp-nontoxic",
+    control: str = "wikitext",
 ) -> SweepData:
     """The testbed preset (see the module docstring). ``mmlu_subjects``: names, or N for every
     (57 // N)-th subject in alphabetical order, or None for none."""

@@ -40,7 +40,6 @@ from ..kernel import LinearGate
 from ..maps.base import as_float_rows
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
-
 APPLY_ON = ("tokens", "prefix-mean")
 
 
