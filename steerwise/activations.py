@@ -132,9 +132,12 @@ def collect_activations(
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "activations",
+    project: dict[str, Tensor] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Pooled activations: ``result[site.name][pooling]`` is a float32 CPU (n_texts, d) matrix;
-    for ``"tokens"`` it is (n_tokens, d), with the text of each row under ``TOKEN_TEXT``."""
+    for ``"tokens"`` it is (n_tokens, d), with the text of each row under ``TOKEN_TEXT``.
+    ``project[site.name]`` (d, k): keep each token row multiplied by it, (n_tokens, k) — e.g. a
+    gate's logit per token without holding every activation."""
     if len(texts) == 0:
         raise ValueError(f"{desc}: no texts given")
     for how in pooling:
@@ -156,6 +159,8 @@ def collect_activations(
             for how in pooling:
                 if how == "tokens":
                     rows_, owner = token_rows(x, mask, MAX_TOKENS_PER_TEXT)  # type: ignore[arg-type]
+                    if project is not None and site.name in project:
+                        rows_ = rows_ @ project[site.name].to(rows_.device, rows_.dtype)
                     tokens[site.name].append((rows_.cpu(), idx[owner]))  # type: ignore[index]
                     continue
                 pooled = pool(x, mask, how).cpu()  # type: ignore[arg-type]

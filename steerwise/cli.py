@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a steering recipe from example texts")
     add_model_args(p)
     p.add_argument("--source", required=True, help="texts to steer away from / act on (.txt or .jsonl)")
-    p.add_argument("--control", help="neutral texts the gate must leave alone")
+    p.add_argument("--control", help="neutral texts the gate must leave alone; generic text "
+                                     "(e.g. encyclopaedia paragraphs) gave cheaper gates than "
+                                     "in-domain benign text (docs/dsas-measured.md)")
     p.add_argument("--target", help="texts to steer towards (default: the control texts)")
     from .fit import GATES
     from .gates.dsas import DSASOptions
@@ -351,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and target texts (the contrastive gate)")
     p.add_argument("--gate-calibrate", type=open_unit_interval, default=defaults.calibrate,
                    metavar="Q", help="rescale each DSAS gate so that a share Q of the negative "
-                                     "tokens gets a gate below --gate-calibrate-eps")
+                                     "tokens gets a gate below --gate-calibrate-eps and the "
+                                     "median source token 1 − ε (default: off, the paper's "
+                                     "gate; 0.9 helped token-trained gates)")
     p.add_argument("--gate-calibrate-eps", type=open_unit_interval,
                    default=defaults.calibrate_eps, help="ε of --gate-calibrate")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random step")

@@ -26,9 +26,9 @@ from torch import nn
 
 from .activations import TOKEN_TEXT, collect_activations
 from .gates import GATE_FITTERS
-from .gates.base import GateFitter, Pooled
+from .gates.base import GateFit, GateFitter, Pooled
 from .gates.cast import CASTOptions
-from .gates.dsas import DSASOptions, check_two_class
+from .gates.dsas import DSASGate, DSASOptions, calibrate_gate, check_two_class
 from .hooks import SiteSteering
 from .maps.base import MAP_REGISTRY, SteeringMap
 from .maps.iti import num_attention_heads, probe_accuracy
@@ -123,6 +123,10 @@ def fit(
     }
     maps = _fit_maps(model, opts, map_cls, sites, acts_s, acts_t, fit_info)
     fitted = gating.fit(sites + extra_sites, acts_s, gate_negatives(acts_c, acts_t, opts), opts)
+    if opts.dsas.calibrate is not None and not gating.trains_end_to_end:
+        negatives = control if opts.dsas.negatives == "control" or target is control else (
+            (control or []) + target)
+        _calibrate(model, tokenizer, opts, sites, fitted, source, negatives, progress)
     entries = [
         SiteSteering(site, m, fitted.gates[site.name], fitted.scales[site.name],
                      dict(fitted.diagnostics.get(site.name, {})))
@@ -218,6 +222,34 @@ def _collect(
     finally:
         model.train(was_training)
     return acts_s, acts_t, acts_c
+
+
+def _calibrate(model: nn.Module, tokenizer, opts: FitOptions, sites: list[Site], fitted: GateFit,
+               source: list[str], negatives: list[str] | None, progress: bool) -> None:
+    """``dsas.calibrate``: a second pass over the source and negative texts keeps each DSAS
+    gate's logit per token (not the activations: memory O(tokens · sites)), then rescales the
+    gate (``steerwise.gates.dsas.calibrate_gate``); the shares reached go to the diagnostics."""
+    gates = {s.name: fitted.gates[s.name] for s in sites
+             if isinstance(fitted.gates.get(s.name), DSASGate) and not fitted.gates[s.name].constant}
+    if not gates or not negatives:
+        return
+    project = {name: g.weight.detach().reshape(-1, 1) for name, g in gates.items()}
+    chosen = [s for s in sites if s.name in gates]
+    was_training = model.training
+    model.eval()
+    try:
+        kw = dict(sites=chosen, batch_size=opts.batch_size, max_length=opts.max_length,
+                  progress=progress, pooling=("tokens",), project=project)
+        z_s = collect_activations(model, tokenizer, source, desc="calibration: source", **kw)
+        z_n = collect_activations(model, tokenizer, negatives, desc="calibration: negatives",
+                                  **kw)
+    finally:
+        model.train(was_training)
+    for name, gate in gates.items():
+        bias = gate.bias.detach()
+        fitted.diagnostics.setdefault(name, {}).update(calibrate_gate(
+            gate, z_s[name]["tokens"].flatten() + bias, z_n[name]["tokens"].flatten() + bias,
+            opts.dsas.calibrate, opts.dsas.calibrate_eps))  # type: ignore[arg-type]
 
 
 def gate_negatives(acts_c: Pooled | None, acts_t: Pooled, opts: FitOptions) -> Pooled | None:

@@ -106,7 +106,7 @@ def test_calibration_puts_the_chosen_share_of_negatives_below_eps():
     s, _, c = _domain_task(n=400)
     gate, _ = DSASGate.fit(s, c, DSASOptions(n_components=2))
     before = gate(s, StepContext()).clone()
-    info = calibrate_gate(gate, s, c, share=0.9, eps=0.05)
+    info = calibrate_gate(gate, gate.logits(s), gate.logits(c), share=0.9, eps=0.05)
     gc, gs = gate(c, StepContext()), gate(s, StepContext())
     assert float((gc < 0.05).float().mean()) == pytest.approx(0.9, abs=0.005)
     assert float(gs.median()) == pytest.approx(0.95, abs=0.01)
@@ -313,3 +313,17 @@ def test_prefix_mean_recipe_round_trips_and_is_refused_by_the_server(tmp_path):
     assert all(e.gate.apply_on == "prefix-mean" for e in again.entries)
     with pytest.raises(ValueError, match="per-batch state"):
         refuse_unbatchable("r", again)
+
+
+def test_projected_token_collection_keeps_only_the_dot_products(tokenizer):
+    model = make_model("gpt2")
+    sites = resolve_sites(model, "residual", [0, 2])
+    w = {"residual.2": torch.randn(32, 1)}
+    full = collect_activations(model, tokenizer, TEXTS, sites, pooling=("tokens",),
+                               progress=False)
+    proj = collect_activations(model, tokenizer, TEXTS, sites, pooling=("tokens",),
+                               progress=False, project=w)
+    assert proj["residual.2"]["tokens"].shape == (full["residual.2"]["tokens"].shape[0], 1)
+    torch.testing.assert_close(proj["residual.2"]["tokens"], full["residual.2"]["tokens"] @ w[
+        "residual.2"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj["residual.0"]["tokens"], full["residual.0"]["tokens"])

@@ -78,11 +78,18 @@ def plot_fronts(
         ax.set_ylabel("toxicity rate of continuations (%) ↓")
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
-               frameon=False)
     fig.suptitle(title or "Toxicity vs utility: dashed = no gate, solid = gated")
-    legend_rows = -(-len(labels) // 4)
-    fig.tight_layout(rect=(0, min(0.4, (0.035 * legend_rows + 0.02) * 2 / nrows), 1, 0.95))
+    spare = list(axes.flat[len(utilities):])
+    if spare:  # an empty panel holds the legend
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", ncol=2, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
+                   frameon=False)
+        legend_rows = -(-len(labels) // 4)
+        fig.tight_layout(rect=(0, min(0.4, (0.035 * legend_rows + 0.02) * 2 / nrows), 1, 0.95))
     p = Path(path)
     fig.savefig(p, dpi=130)
     plt.close(fig)

@@ -14,9 +14,12 @@ Variants measured in docs/dsas-measured.md (each an option of ``DSASOptions``):
   domain of the source (e.g. tweets) cannot separate the classes on its own.
 * ``apply_on="prefix-mean"``: at run time the gate reads the mean activation of the sequence so
   far instead of the current token's — trained on text means, applied on (causal) text means.
-* ``calibrate=q``: after the fit, a temperature and a bias set so that a share ``q`` of the
-  negative tokens gets a gate below ``calibrate_eps`` and the median source token a gate of
-  ``1 − calibrate_eps`` (bias only when the medians are not separated).
+* ``calibrate=q`` (default ``None``: the paper's gate as fitted): after the fit, a temperature
+  and a bias set so that a share ``q`` of the negative tokens gets a gate below
+  ``calibrate_eps`` and the median source token a gate of ``1 − calibrate_eps`` (bias only when
+  the medians are not separated). ``steerwise.fit`` computes the per-token logits in a second
+  pass over the texts. Not the default: with a generic control set its gain was within the seed
+  spread (docs/dsas-measured.md); it clearly helps token-trained gates.
 """
 
 from __future__ import annotations
@@ -84,8 +87,8 @@ class DSASOptions:
 
     @property
     def needs_tokens(self) -> bool:
-        """Whether the fit needs per-token activations (token training or calibration)."""
-        return self.train_on == "tokens" or self.calibrate is not None
+        """Whether the fit needs every token's activation (token training)."""
+        return self.train_on == "tokens"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,25 +228,27 @@ class DSASGate(Gate):
         return gate, acc
 
 
-def calibrate_gate(gate: DSASGate, source: Tensor, negatives: Tensor, share: float,
+def calibrate_gate(gate: DSASGate, source_logits: Tensor, negative_logits: Tensor, share: float,
                    eps: float) -> dict[str, float]:
     """Rescale the gate's logit ``z → a·z + c`` so that (at least) a share ``share`` of the
     negative tokens gets a gate of at most ``eps`` and the median source token ``1 − eps`` (a
     temperature and a bias); when the source median is not above that negative quantile, only
-    the bias moves (a = 1). Returns the new (a, c) and the shares reached on the given tokens
-    (more than ``share`` when tokens tie at the quantile, e.g. identical first tokens)."""
-    with torch.no_grad():
-        zs, zn = gate.logits(source.float()), gate.logits(negatives.float())
+    the bias moves (a = 1). Takes the gate's logits of the source and negative tokens; returns
+    (a, c) and the shares reached on those tokens (more than ``share`` when tokens tie at the
+    quantile, e.g. identical first tokens)."""
+    zs, zn = source_logits.double().flatten(), negative_logits.double().flatten()
+    if zs.numel() == 0 or zn.numel() == 0:
+        raise ValueError("gate calibration needs the logits of some source and negative tokens")
     lo, hi = math.log(eps / (1 - eps)), math.log((1 - eps) / eps)
-    q_neg = float(torch.quantile(zn.double(), share, interpolation="higher"))
-    med_s = float(zs.double().median())
+    q_neg = float(torch.quantile(zn, share, interpolation="higher"))
+    med_s = float(zs.median())
     a = (hi - lo) / (med_s - q_neg) if med_s > q_neg else 1.0
     c = lo - a * q_neg
-    gate.weight.mul_(a)
-    gate.bias.mul_(a).add_(c)
     with torch.no_grad():
-        neg_below = float((gate.logits(negatives.float()) <= lo + 1e-4).float().mean())
-        src_open = float(gate.logits(source.float()).sigmoid().mean())
+        gate.weight.mul_(a)
+        gate.bias.mul_(a).add_(c)
+    neg_below = float(((a * zn + c) <= lo + 1e-4).double().mean())
+    src_open = float(torch.sigmoid(a * zs + c).mean())
     return {"calibration_scale": a, "calibration_shift": c, "negatives_below_eps": neg_below,
             "source_mean_gate": src_open}
 
@@ -265,9 +270,9 @@ def layer_scale(accuracy: float, options: DSASOptions) -> tuple[float, bool]:
 
 def fit_dsas_gates(sites, acts_s, acts_c, options: DSASOptions) -> tuple[dict[str, DSASGate],
                                                                          dict[str, dict]]:
-    """One folded DSAS gate per site (S vs negatives: text means or tokens, then optionally
-    calibrated on tokens) and its diagnostics (held-out accuracy under ``gate_accuracy``).
-    ``acts_c`` holds the negatives (control, or control ∪ target: ``steerwise.fit``)."""
+    """One folded DSAS gate per site (S vs negatives: text means or tokens) and its diagnostics
+    (held-out accuracy under ``gate_accuracy``). ``acts_c`` holds the negatives (control, or
+    control ∪ target: ``steerwise.fit``, which also calibrates the gates afterwards)."""
     gates, diags = {}, {}
     for s in sites:
         a_s, a_c = acts_s[s.name], acts_c[s.name]
@@ -277,9 +282,6 @@ def fit_dsas_gates(sites, acts_s, acts_c, options: DSASOptions) -> tuple[dict[st
         else:
             gate, acc = DSASGate.fit(a_s["mean"], a_c["mean"], options)
         diags[s.name] = {"gate_accuracy": acc}
-        if options.calibrate is not None:
-            diags[s.name].update(calibrate_gate(gate, a_s["tokens"], a_c["tokens"],
-                                                options.calibrate, options.calibrate_eps))
         gates[s.name] = gate
     return gates, diags
 
