@@ -30,11 +30,9 @@ AUROC and held-out gate accuracy. Needs ../shared.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -130,20 +128,14 @@ def fitted_recipes(model, tok, specs: list[str], n_fit: int, seeds: list[int], d
     sweep fits them."""
     from steerwise.eval.cli import parse_gate_variant
     from steerwise.eval.data import testbed_data
-    from steerwise.eval.sweep import SweepConfig, build_fit_options, draw_fit_sets
-    from steerwise.fit import fit
+    from steerwise.eval.sweep import SweepConfig, fit_sweep_recipe
 
     data = testbed_data(data_dir, mmlu_subjects=None)
     variants = dict(parse_gate_variant(v) for v in specs)
     cfg = SweepConfig(methods=["caa"], gates=list(variants), gate_variants=variants, n_fit=n_fit)
-    for name, variant in variants.items():
+    for name in variants:
         for seed in seeds:
-            source, target, control = draw_fit_sets(data, n_fit, seed, variant.get("control"))
-            opts = build_fit_options("caa", name, cfg)
-            opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                recipe = fit(model, tok, source, control, target, opts, progress=False)
+            recipe, _ = fit_sweep_recipe(model, tok, data, cfg, "caa", name, seed)
             yield "fit", "caa", name, seed, recipe
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -205,10 +206,8 @@ def _collect(
     target: list[str], control: list[str] | None, progress: bool,
 ) -> tuple[Pooled, Pooled, Pooled | None]:
     """Pooled activations of S, T and C at every site (each set collected once)."""
-    was_training = model.training
-    model.eval()
     poolings = {opts.pooling, "mean"} | ({"tokens"} if opts.dsas.needs_tokens else set())
-    try:
+    with _eval_mode(model):
         kw = dict(sites=sites, batch_size=opts.batch_size, max_length=opts.max_length,
                   progress=progress, pooling=sorted(poolings))
         acts_s = collect_activations(model, tokenizer, source, desc="source", **kw)
@@ -219,9 +218,18 @@ def _collect(
             acts_c = collect_activations(model, tokenizer, control, desc="control", **kw)
         else:
             acts_c = None
+    return acts_s, acts_t, acts_c
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return acts_s, acts_t, acts_c
 
 
 def _calibrate(model: nn.Module, tokenizer, opts: FitOptions, sites: list[Site], fitted: GateFit,
@@ -235,16 +243,12 @@ def _calibrate(model: nn.Module, tokenizer, opts: FitOptions, sites: list[Site],
         return
     project = {name: g.weight.detach().reshape(-1, 1) for name, g in gates.items()}
     chosen = [s for s in sites if s.name in gates]
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         kw = dict(sites=chosen, batch_size=opts.batch_size, max_length=opts.max_length,
                   progress=progress, pooling=("tokens",), project=project)
         z_s = collect_activations(model, tokenizer, source, desc="calibration: source", **kw)
         z_n = collect_activations(model, tokenizer, negatives, desc="calibration: negatives",
                                   **kw)
-    finally:
-        model.train(was_training)
     for name, gate in gates.items():
         bias = gate.bias.detach()
         fitted.diagnostics.setdefault(name, {}).update(calibrate_gate(

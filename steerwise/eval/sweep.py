@@ -355,22 +355,35 @@ def run_sweep(
     return read_points(out)
 
 
+def fit_sweep_recipe(model, tokenizer, data: SweepData, config: SweepConfig, method: str,
+                     gate: str, seed: int, fit_fn: Callable[..., Recipe] | None = None
+                     ) -> tuple[Recipe, list[warnings.WarningMessage]]:
+    """The recipe of one (method, gate or gate variant, seed), fitted as a sweep fits it (fit
+    sets drawn with ``seed`` from the variant's control pool), and the warnings of the fit."""
+    from ..fit import fit as default_fit
+
+    source, target, control = draw_fit_sets(data, config.n_fit, seed,
+                                            gate_variant(gate, config)["control"])
+    opts = build_fit_options(method, gate, config)
+    opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = (fit_fn or default_fit)(model, tokenizer, source, control, target, opts,
+                                         progress=False)
+    recipe.fit_info["sweep_seed"] = seed
+    recipe.fit_info["fit_seconds"] = time.perf_counter() - t0
+    return recipe, list(caught)
+
+
 def _fit_or_load(model, tokenizer, data, config, out: Path, method, gate, seed, fit_fn, failures,
                  log) -> Recipe | None:
     rdir = out / "recipes" / f"{method}__{gate}__seed{seed}"
     if (rdir / "steerwise.json").is_file():
         return Recipe.from_pretrained(rdir)
-    source, target, control = draw_fit_sets(data, config.n_fit, seed,
-                                            gate_variant(gate, config)["control"])
     try:
-        opts = build_fit_options(method, gate, config)
-        opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            recipe = fit_fn(model, tokenizer, source, control, target, opts, progress=False)
-        recipe.fit_info["sweep_seed"] = seed
-        recipe.fit_info["fit_seconds"] = time.perf_counter() - t0
+        recipe, caught = fit_sweep_recipe(model, tokenizer, data, config, method, gate, seed,
+                                          fit_fn)
         for w in caught:
             if "truncated" not in str(w.message):
                 log(f"[{method}+{gate} seed {seed}] warning: {w.message}")
