@@ -1,18 +1,23 @@
-"""The one place that touches torch hooks.
+"""The HF backend: steering hooks on a transformers (or diffusers) model.
 
-``SteeringHandle`` installs one hook per steered site plus a pre-hook on the model itself that
-records the attention mask and whether the call starts a new sequence. Hooks are made by a
-factory so each binds its own site; the handle owns all mutable state (strengths, routing,
-per-sequence gate state, traces), so nothing is global and two handles never share anything.
-Use it as a context manager (hooks are removed on exit, also when the body raises) or call
-``remove()`` yourself.
+``SteeringHandle`` runs what ``steerwise.compile`` made of one or several recipes: one hook per
+steered site, plus a pre-hook on the model itself, installed only when something needs the
+per-call context (a gate that runs outside the kernel, a trace, a recipe that leaves the first
+token unsteered), which records the attention mask and whether the call starts a new sequence.
+Hooks are made by a factory so each binds its own site; the handle owns all mutable state
+(strengths, routing, per-sequence gate state, traces), so nothing is global and two handles never
+share anything. Use it as a context manager (hooks are removed on exit, also when the body raises)
+or call ``remove()`` yourself. (Other hook owners share ``HookHandle``'s life cycle: the scaling
+interventions, LinEAS training's activation taps, diffusion's timestep switch.)
 
 The arithmetic is ``steerwise.kernel.steer``: per token and per site, in float32,
 ``t' = t + λ · a_l · h_l(t) · δ_l(t)``, cast back to the activation's dtype. A handle holds one
-recipe (``SteeringHandle(model, entries, strength)``, what ``Recipe.apply`` returns) or several
-(``SteeringHandle.many``), in which case each row of the batch gets its own recipe and strength
-(``route``). Strength 0 is bit-identical to the unsteered model, and a handle whose strengths
-are all 0 costs one Python check per hooked call.
+recipe (``SteeringHandle(model, recipe_or_entries, strength)``, what ``Recipe.apply`` returns) or
+several (``SteeringHandle.many``), in which case each row of the batch gets its own recipe and
+strength (``route``). Strength 0 is bit-identical to the unsteered model, and a handle whose
+strengths are all 0 costs one Python check per hooked call. A recipe whose position policy is
+``first_token="skip"`` (``steerwise.positions``) gets strength 0 at the first real position of
+each row in a call that starts a sequence (the first position whose attention mask is 1).
 
 **Threads and contexts.** Hooks sit on modules that every caller of the model shares, so a
 handle acts only inside the context (``contextvars``) that created it: the thread that applied
@@ -29,43 +34,21 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .gates.base import Gate, NoGate, StepContext
-from .kernel import SiteStack, build_stack, steer
-from .maps.base import SteeringMap
+from .compile import CompiledSite, CompiledSteering, as_recipe_map, compile_steering
+from .gates.base import StepContext
+from .kernel import steer
+from .positions import first_token_keep
 from .sites import Site, SiteError, describe_sites, model_type
+from .steering import SiteSteering
 
-
-class SiteSteering(nn.Module):
-    """One steered site: where (``site``), how (``map``), when (``gate``), and a layer scale."""
-
-    def __init__(
-        self,
-        site: Site,
-        steering_map: SteeringMap,
-        gate: Gate | None = None,
-        scale: float = 1.0,
-        diagnostics: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.site = site
-        self.map = steering_map
-        self.gate = gate if gate is not None else NoGate()
-        self.scale = float(scale)
-        self.diagnostics = dict(diagnostics or {})
-
-    @property
-    def dim(self) -> int:
-        """Feature width of the site, read off the map's tensors."""
-        for t in self.map.state_dict().values():
-            return int(t.shape[-1])
-        raise ValueError(f"map {self.map.method!r} has no tensors to tell its width")
+__all__ = ["HookHandle", "SiteSteering", "SteeringHandle", "check_strength", "find_cache",
+           "is_prefill", "rewrite_output"]
 
 
 def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
@@ -214,83 +197,56 @@ class HookHandle:
         self.remove()
 
 
-# ---- one steered site, all recipes ------------------------------------------------------------
-@dataclass
-class _Slot:
-    """A hooked site: the entry of each recipe there (``None`` where a recipe does not steer it),
-    their stack, and the recipes whose gate runs outside the kernel."""
-
-    site: Site
-    entries: list[SiteSteering | None]
-    dim: int
-    external: list[tuple[int, Gate]]
-    live: bool  # trainable tensors: rebuild the stack every call so gradients reach them
-    stack: SiteStack | None = None
-
-    def build(self) -> SiteStack:
-        return build_stack(
-            [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
-             for e in self.entries],
-            self.dim,
-        )
-
-
-def _slot(site: Site, entries: list[SiteSteering | None]) -> _Slot:
-    real = [e for e in entries if e is not None]
-    dim = real[0].dim
-    for e in real:
-        if e.dim != dim:
-            raise ValueError(f"site {site.name!r}: recipes disagree on its width ({e.dim} vs {dim})")
-    live = any(p.requires_grad for e in real for p in (*e.map.parameters(), *e.gate.parameters()))
-    external = [(r, e.gate) for r, e in enumerate(entries)
-                if e is not None and e.gate.linear_form().kind == "external"]
-    slot = _Slot(site, entries, dim, external, live)
-    with torch.no_grad():
-        slot.stack = slot.build()
-    return slot
-
-
 class SteeringHandle(HookHandle):
     """Installed steering hooks; a context manager.
 
-    One recipe: ``SteeringHandle(model, entries, strength)``; ``strength`` may be changed at any
-    time. Several: ``SteeringHandle.many(model, {"name": entries, ...})`` then, before each
-    batch, ``route(["name", None, ...], [4.0, 0.0, ...])`` gives each row its recipe (``None``:
-    unsteered) and strength.
+    One recipe: ``SteeringHandle(model, recipe, strength)`` (a ``Recipe``, checked against the
+    model, or a list of ``SiteSteering`` entries, which steers every position); ``strength`` may be
+    changed at any time. Several: ``SteeringHandle.many(model, {"name": recipe, ...})`` then,
+    before each batch, ``route(["name", None, ...], [4.0, 0.0, ...])`` gives each row its recipe
+    (``None``: unsteered) and strength. ``SteeringHandle.compiled`` installs what
+    ``steerwise.compile.compile_steering`` already made.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        entries: Sequence[SiteSteering],
+        entries: Any,
         strength: float = 1.0,
         *,
         trace: bool = False,
     ) -> None:
         value = check_strength(strength)  # before any hook goes in
-        self._setup(model, {"": list(entries)}, trace)
+        self._setup(model, compile_steering(as_recipe_map(entries), model), trace)
         self.strength = value
 
     @classmethod
     def many(
-        cls, model: nn.Module, recipes: Mapping[str, Sequence[SiteSteering]], *, trace: bool = False
+        cls, model: nn.Module, recipes: Mapping[str, Any], *, trace: bool = False
     ) -> SteeringHandle:
-        """Several recipes on one model, each row of a batch routed to one of them (``route``);
-        every row is unsteered until routed."""
+        """Several recipes (``Recipe``s or lists of entries) on one model, each row of a batch
+        routed to one of them (``route``); every row is unsteered until routed."""
         if not recipes:
             raise ValueError("give at least one recipe")
+        return cls.compiled(model, compile_steering({str(k): v for k, v in recipes.items()},
+                                                    model), trace=trace)
+
+    @classmethod
+    def compiled(
+        cls, model: nn.Module, compiled: CompiledSteering, *, trace: bool = False
+    ) -> SteeringHandle:
+        """Install compiled recipes (``compile_steering``); every row is unsteered until routed
+        (one recipe named ``""``: set ``strength``)."""
         self = cls.__new__(cls)
-        self._setup(model, {str(k): list(v) for k, v in recipes.items()}, trace)
+        self._setup(model, compiled, trace)
         self._strength = 0.0
         return self
 
-    def _setup(
-        self, model: nn.Module, recipes: dict[str, list[SiteSteering]], trace: bool
-    ) -> None:
+    def _setup(self, model: nn.Module, compiled: CompiledSteering, trace: bool) -> None:
         self.model = model
-        self.names = list(recipes)
-        self._recipes = list(recipes.values())
-        self.entries = [e for entries in self._recipes for e in entries]
+        self.compiled_steering = compiled
+        self.names = list(compiled.names)
+        self.entries = compiled.entries
         self._tracing = trace
         self._root_hook: Any = None
         self._ctx = StepContext()
@@ -299,17 +255,14 @@ class SteeringHandle(HookHandle):
         self._masks: list[Tensor | None] = []
         self._strength = 0.0
         self._rows: tuple[Tensor, Tensor] | None = None  # (strength (B,), recipe index (B,))
-        self._row_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._row_cache: dict[torch.device, tuple[Tensor, ...]] = {}
         self._steering = False
-        by_site: dict[str, tuple[Site, list[SiteSteering | None]]] = {}
-        for r, entries in enumerate(recipes.values()):
-            for entry in entries:
-                slot = by_site.setdefault(entry.site.name, (entry.site, [None] * len(recipes)))
-                if slot[1][r] is not None:
-                    raise ValueError(f"a recipe steers site {entry.site.name!r} twice")
-                slot[1][r] = entry
-        self._by_site = by_site
-        self._slots: list[_Slot] = []
+        # the position policy: per-call work only when a recipe leaves the first token unsteered
+        self._skip_first = compiled.skips_first
+        self._skip_rows = compiled.skip_first  # per recipe
+        self._first: Tensor | None = None  # (batch, tokens) 0 at first positions, this call
+        self._first_cache: dict[torch.device, Tensor] = {}
+        self._slots: list[CompiledSite] = []
         self._install()
 
     # ---- what to steer with ------------------------------------------------------------------
@@ -347,7 +300,8 @@ class SteeringHandle(HookHandle):
         self._row_cache = {}
         self._steering = any(v != 0.0 for v in values)
 
-    def _row_tensors(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _row_tensors(self, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+        """(strength (B,), recipe index (B,), and with a skipping recipe: skips first (B,))."""
         rows = self._rows
         if rows is None:
             raise RuntimeError("this handle holds several recipes: call route() before running")
@@ -357,35 +311,30 @@ class SteeringHandle(HookHandle):
             )
         cached = self._row_cache.get(device)
         if cached is None:
-            cached = self._row_cache[device] = (rows[0].to(device), rows[1].to(device))
+            cached = (rows[0].to(device), rows[1].to(device))
+            if self._skip_first:
+                skips = torch.tensor(self._skip_rows)[rows[1]]
+                cached += (skips.to(device),)
+            self._row_cache[device] = cached
         return cached
 
     # ---- life cycle -------------------------------------------------------------------------
     def _install(self) -> None:
         try:
             fallback = next(self.model.parameters()).device
-            for entries in self._recipes:  # gates that share state (CAST) find their partners
-                for entry in entries:
-                    link = getattr(entry.gate, "link", None)
-                    if callable(link):
-                        link(entries)
-            for site, entries in self._by_site.values():
-                module = self._get_module(site)
-                device = _module_device(module, fallback)
-                for entry in entries:
-                    if entry is not None:
-                        entry.to(device)
-                slot = _slot(site, entries)
-                slot.stack = slot.stack.to(device)  # type: ignore[union-attr]
+            for slot in self.compiled_steering.sites:
+                module = self._get_module(slot.site)
+                slot.to(_module_device(module, fallback))
                 self._slots.append(slot)
-                if site.io == "input":
+                if slot.site.io == "input":
                     h = module.register_forward_pre_hook(self._make_input_hook(slot))
                 else:
                     h = module.register_forward_hook(self._make_output_hook(slot))
                 self._handles.append(h)
             # the per-call context (mask, sequence start, gate state) only matters to gates that
-            # run outside the kernel and to traces: without them, no pre-hook at all
-            if self._tracing or any(slot.external for slot in self._slots):
+            # run outside the kernel, to traces and to a first-token policy: without them, no
+            # pre-hook at all
+            if self._tracing or self._skip_first or any(slot.external for slot in self._slots):
                 self._install_root_hook()
         except BaseException:
             self.remove()
@@ -425,6 +374,15 @@ class SteeringHandle(HookHandle):
         prefill = is_prefill(kwargs)
         self._ctx = StepContext(attention_mask=mask, is_prefill=prefill,
                                 state={} if prefill else self._ctx.state)
+        if self._skip_first:
+            self._first, self._first_cache = None, {}
+            if prefill:
+                if cur is None:
+                    raise ValueError(
+                        "a recipe leaves the first token unsteered (first_token='skip'), but this "
+                        "model call has no input_ids or inputs_embeds of shape (batch, tokens) "
+                        "to find each row's first position in")
+                self._first = first_token_keep(mask, int(ids.shape[0]), cur, ids.device)
         if prefill:
             for entry in self.entries:
                 entry.gate.reset()
@@ -434,7 +392,21 @@ class SteeringHandle(HookHandle):
         if self.trace_enabled:
             self._masks.append(mask.detach().cpu() if mask is not None else None)
 
-    def _steer(self, slot: _Slot, x: Tensor) -> Tensor | None:
+    def _first_keep(self, slot: CompiledSite, t: Tensor, skips: Tensor | None) -> Tensor:
+        """(batch, tokens): 0 where the first token of a row whose recipe skips it sits."""
+        keep = self._first_cache.get(t.device)
+        if keep is None:
+            keep = self._first_cache[t.device] = self._first.to(t.device)  # type: ignore[union-attr]
+        if tuple(t.shape[:-1]) != tuple(keep.shape):
+            raise ValueError(
+                f"site {slot.site.name!r}: a recipe leaves the first token unsteered "
+                f"(first_token='skip'), which needs (batch, tokens, features) activations; this "
+                f"site has shape {tuple(t.shape)} for {tuple(keep.shape)} tokens")
+        if skips is not None:  # several recipes: only rows whose recipe skips
+            keep = torch.where(skips.view(-1, 1), keep, torch.ones((), device=t.device))
+        return keep
+
+    def _steer(self, slot: CompiledSite, x: Tensor) -> Tensor | None:
         """The steered activation, or None to leave it untouched."""
         if not torch.compiler.is_compiling() and self._id not in _ACTIVE.get():
             return None  # (a compiled graph cannot read contextvars: see the module docstring)
@@ -444,28 +416,36 @@ class SteeringHandle(HookHandle):
             x = x.movedim(channel_dim, -1)
         t = x.float()
         stack = slot.build() if slot.live else slot.stack
-        assert stack is not None
         index = None
+        skips = None
         strength: Tensor | float = self._strength
         if self._rows is not None or len(self.names) > 1:
-            strength, index = self._row_tensors(t.shape[0], t.device)
+            rows = self._row_tensors(t.shape[0], t.device)
+            strength, index = rows[0], rows[1]
             shape = (t.shape[0],) + (1,) * (t.ndim - 2)
             strength, index = strength.view(shape), index.view(shape)
+            if self._skip_first:
+                skips = rows[2]
+        keep = None
+        if self._skip_first and self._first is not None:  # a prefill: first tokens get 0
+            keep = self._first_keep(slot, t, skips)
+            strength = strength * keep
         external = None
         if slot.external:
             external = self._external(slot, t, index)
         out, gate = steer(t, stack, strength, index, external, with_gate=self.trace_enabled)
         if gate is not None:
-            self._trace.setdefault(slot.site.name, []).append(
-                gate.detach().float().expand(t.shape[:-1]).cpu()
-            )
+            gate = gate.detach().float().expand(t.shape[:-1])
+            if keep is not None:  # the multiplier of the strength there is 0
+                gate = gate * keep
+            self._trace.setdefault(slot.site.name, []).append(gate.cpu())
         if not self._steering:
             return None
         if moved:
             out = out.movedim(-1, channel_dim)
         return out.to(x.dtype)
 
-    def _external(self, slot: _Slot, t: Tensor, index: Tensor | None) -> Tensor:
+    def _external(self, slot: CompiledSite, t: Tensor, index: Tensor | None) -> Tensor:
         """Per-token values of the gates that run outside the kernel, each on its own rows."""
         ext = None
         for r, gate in slot.external:
@@ -477,7 +457,7 @@ class SteeringHandle(HookHandle):
             ext = v if ext is None else ext + v
         return ext  # type: ignore[return-value]
 
-    def _make_output_hook(self, slot: _Slot):
+    def _make_output_hook(self, slot: CompiledSite):
         index = slot.site.tuple_index
         what = f"site {slot.site.name!r}"
 
@@ -491,7 +471,7 @@ class SteeringHandle(HookHandle):
 
         return hook
 
-    def _make_input_hook(self, slot: _Slot):
+    def _make_input_hook(self, slot: CompiledSite):
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
             if not self._steering and not self.trace_enabled:
                 return None

@@ -4,506 +4,98 @@ Layout (nothing is pickled; loading never executes code)::
 
     DIR/steerwise.json         everything but tensors: format, library version, model identity
                                (type, hidden size, layer count), method, gate, default strength,
-                               fit data sizes and options, and per site: site, map and gate
-                               configs, layer scale, diagnostics (gate/probe accuracy, ...)
+                               position policy, fit data sizes and options, and per site: site,
+                               map and gate configs, layer scale, diagnostics (gate/probe
+                               accuracy, ...)
     DIR/steering.safetensors   tensors, keyed ``entries.<i>.map.<name>`` / ``entries.<i>.gate.<name>``
 
 ``Recipe.apply(model, strength)`` checks the model matches and returns a ``SteeringHandle``
 (a context manager).
 
-Saving is all or nothing (``write_recipe_dir``); loading checks every field, width and tensor
-shape (against the safetensors header) before it allocates anything, and reports any problem as
-one ``RecipeError`` naming the file and the field (docs/engine.md, "Recipe format").
+Saving is all or nothing; loading checks every field, width and tensor shape (against the
+safetensors header) before it allocates anything, and reports any problem as one ``RecipeError``
+naming the file and the field (docs/engine.md, "Recipe format"). The generic file reading and
+writing lives in ``steerwise.recipe_io`` and the model identity in ``steerwise.identity``; both are
+re-exported here.
+
+Format versions: 1 had no position policy (such recipes steer every position, their meaning when
+they were saved); 2 adds ``"positions": {"first_token": "steer" | "skip"}``
+(``steerwise.positions``).
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import json
-import math
 import os
-import shutil
-import stat
-import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .gates.base import gate_from_config
-from .hooks import SiteSteering, SteeringHandle
+from .hooks import SteeringHandle
+from .identity import (  # noqa: F401  (re-exported: steerwise.recipe is where users find them)
+    IDENTITY_MODULES,
+    IdentityProvider,
+    ModelIdentity,
+    RecipeMismatchError,
+    check_identity,
+    identity_problems,
+    register_identity_provider,
+)
 from .maps.base import map_from_config
-from .sites import Site, hidden_size, model_type, num_layers
+from .positions import LEGACY_FIRST_TOKEN, check_first_token
+from .recipe_io import (  # noqa: F401  (re-exported for scaling.recipe and older imports)
+    CARD_NAME,
+    CONFIG_NAME,
+    FLOAT_DTYPES,
+    INFINITY_ALLOWED,
+    MAX_CONFIG_BYTES,
+    MAX_WIDTH,
+    TENSORS_NAME,
+    RecipeError,
+    RecipeFields,
+    RecipeNotFoundError,
+    build_on_meta,
+    check_file,
+    check_option_kinds,
+    json_kind,
+    non_finite_value,
+    read_recipe_config,
+    read_recipe_tensors,
+    state_shapes,
+    write_recipe_dir,
+)
+from .sites import Site
+from .steering import SiteSteering
 
-CONFIG_NAME = "steerwise.json"
-TENSORS_NAME = "steering.safetensors"
-CARD_NAME = "README.md"  # the model card (steerwise.card), written with every steering recipe
 FORMAT = "steerwise-recipe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "positions" (the position policy)
 WHAT = "steerwise recipe"
 TOP_KEYS = ("format", "format_version", "library_version", "model", "method", "gate",
-            "default_strength", "fit", "entries")
+            "default_strength", "positions", "fit", "entries")
 ENTRY_KEYS = ("site", "dim", "map", "gate", "scale", "diagnostics")
-
-
-class RecipeMismatchError(ValueError):
-    """A recipe applied to a model it was not fitted for."""
-
-
-@dataclass
-class ModelIdentity:
-    model_type: str
-    hidden_size: int
-    num_layers: int
-    name_or_path: str = ""
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ModelIdentity:
-        root = type(model).__module__.split(".")[0]
-        if root in IDENTITY_MODULES:  # e.g. diffusers denoisers: described by their own module
-            importlib.import_module(IDENTITY_MODULES[root])
-        for provider in _IDENTITY_PROVIDERS:
-            ident = provider(model)
-            if ident is not None:
-                return ident
-        cfg = getattr(model, "config", None)
-        return cls(
-            model_type=model_type(model),
-            hidden_size=hidden_size(model),
-            num_layers=num_layers(model),
-            name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
-        )
-
-
-# Extension point for models that are not transformers language models: a provider returns the
-# identity of a model it knows (or None); IDENTITY_MODULES names the steerwise module that
-# registers the provider for models of a given top-level package, imported on first use.
-IdentityProvider = Callable[[nn.Module], "ModelIdentity | None"]
-_IDENTITY_PROVIDERS: list[IdentityProvider] = []
-IDENTITY_MODULES: dict[str, str] = {"diffusers": "steerwise.diffusion.sites"}
-
-
-def register_identity_provider(provider: IdentityProvider) -> IdentityProvider:
-    """Register how to describe (type, width, layer count) a family of non-LM models."""
-    if provider not in _IDENTITY_PROVIDERS:
-        _IDENTITY_PROVIDERS.append(provider)
-    return provider
-
-
-def check_identity(expected: ModelIdentity, model: nn.Module, what: str = "recipe") -> None:
-    """Raise ``RecipeMismatchError`` naming every difference between ``model`` and ``expected``."""
-    other = ModelIdentity.of(model)
-    problems = []
-    if other.model_type != expected.model_type:
-        problems.append(f"model type {other.model_type!r} (recipe: {expected.model_type!r})")
-    if other.hidden_size != expected.hidden_size:
-        problems.append(f"hidden size {other.hidden_size} (recipe: {expected.hidden_size})")
-    if other.num_layers != expected.num_layers:
-        problems.append(f"{other.num_layers} layers (recipe: {expected.num_layers})")
-    if problems:
-        raise RecipeMismatchError(
-            f"this {what} was fitted for another model: the given model has " + ", ".join(problems)
-        )
-
-
-# ---- reading and writing recipe directories ----------------------------------------------------
-# What a loader accepts (docs/engine.md, "Validation"): JSON that is UTF-8, an object at the top,
-# every number finite, every key known, every field of its type; tensors whose names, shapes and
-# dtypes match what the JSON declares, checked on the safetensors header before any tensor is
-# read or any map is built, and whose values are finite. Symlinks are followed; what they lead to
-# must be a regular file.
-MAX_WIDTH = 1 << 20  # widest feature axis a recipe may declare (hidden sizes are ~10^3..10^4)
-MAX_CONFIG_BYTES = 64 << 20  # a larger steerwise.json is refused before it is read
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-# Tensors that may hold an infinity on purpose: the AcT maps' support bounds, where -inf / +inf
-# mean "no bound" (keyed by the end of the tensor's name).
-INFINITY_ALLOWED = {".map.lo": -math.inf, ".map.hi": math.inf}
-
-
-class RecipeError(ValueError):
-    """A recipe directory that cannot be read or written; the message names file and field."""
-
-
-class RecipeNotFoundError(RecipeError, FileNotFoundError):
-    """The directory does not exist or holds no ``steerwise.json``."""
-
-
-_KINDS: dict[type, str] = {
-    type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
-    list: "array", dict: "object",
-}
-_REQUIRED: Any = object()
-
-
-def json_kind(value: Any) -> str:
-    """The JSON type of a parsed value: null, boolean, integer, number, string, array, object."""
-    return _KINDS.get(type(value), type(value).__name__)
-
-
-def _fits(value: Any, kinds: str | tuple[str, ...]) -> bool:
-    kind = json_kind(value)
-    kinds = (kinds,) if isinstance(kinds, str) else kinds
-    return kind in kinds or (kind == "integer" and "number" in kinds)
-
-
-def _describe(value: Any) -> str:
-    text = json.dumps(value, default=repr)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{text} (a JSON {json_kind(value)})"
-
-
-def _article(kinds: str | tuple[str, ...]) -> str:
-    kinds = (kinds,) if isinstance(kinds, str) else kinds
-    return " or ".join(("an " if k[0] in "aeiou" else "a ") + k for k in kinds)
-
-
-def _field_path(where: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    return f"{where}.{key}" if where else key
-
-
-def non_finite_value(value: Any, where: str = "") -> tuple[str, float] | None:
-    """The path and value of the first NaN/inf number in parsed JSON, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where or "the top level", value
-    items = value.items() if isinstance(value, dict) else enumerate(value) \
-        if isinstance(value, list) else ()
-    for key, item in items:
-        found = non_finite_value(item, _field_path(where, key))
-        if found:
-            return found
-    return None
-
-
-class RecipeFields:
-    """One JSON object of a recipe file; every error names the file and the field."""
-
-    def __init__(
-        self, file: Path, obj: Any, where: str = "", known: Iterable[str] | None = None
-    ) -> None:
-        self.file, self.where = file, where
-        if not isinstance(obj, dict):
-            self.fail(where or "the top level", f"expected a JSON object, got {_describe(obj)}")
-        self.obj: dict[str, Any] = obj
-        if known is not None:
-            known = list(known)
-            for key in obj:
-                if key not in known:
-                    close = difflib.get_close_matches(key, known, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    self.fail(where or "the top level",
-                              f"unknown key {key!r}{hint}; known keys: {', '.join(known)}")
-
-    def fail(self, where: str, problem: str) -> NoReturn:
-        raise RecipeError(f"{self.file}: {where}: {problem}")
-
-    def path(self, key: str) -> str:
-        return _field_path(self.where, key)
-
-    def get(self, key: str, kinds: str | tuple[str, ...], default: Any = _REQUIRED) -> Any:
-        if key not in self.obj:
-            if default is _REQUIRED:
-                self.fail(self.where or "the top level", f"missing required key {key!r}")
-            return default
-        value = self.obj[key]
-        if not _fits(value, kinds):
-            self.fail(self.path(key), f"expected {_article(kinds)}, got {_describe(value)}")
-        return value
-
-    def width(self, key: str, default: Any = _REQUIRED) -> int:
-        """A declared feature width: an integer in 1..MAX_WIDTH (checked before any allocation)."""
-        value = self.get(key, "integer", default)
-        if not 1 <= value <= MAX_WIDTH:
-            self.fail(self.path(key), f"{value} is out of range (a width is 1..{MAX_WIDTH})")
-        return int(value)
-
-    def identity(self, key: str = "model") -> ModelIdentity:
-        m = RecipeFields(self.file, self.get(key, "object"), self.path(key),
-                         known=[f.name for f in fields(ModelIdentity)])
-        ident = ModelIdentity(
-            model_type=m.get("model_type", "string"), hidden_size=m.width("hidden_size"),
-            num_layers=m.get("num_layers", "integer"), name_or_path=m.get("name_or_path", "string", ""),
-        )
-        if ident.num_layers < 0:
-            m.fail(m.path("num_layers"), f"{ident.num_layers} is negative")
-        return ident
-
-    def site(self, obj: Any, where: str) -> Site:
-        kinds = {"name": "string", "module": "string", "layer": "integer", "io": "string",
-                 "tuple_index": ("integer", "null"), "channel_dim": "integer"}
-        s = RecipeFields(self.file, obj, where, known=[f.name for f in fields(Site)])
-        for key in s.obj:
-            s.get(key, kinds.get(key, tuple(_KINDS.values())))
-        for key in ("name", "module"):
-            s.get(key, "string")
-        if s.obj.get("io", "output") not in ("output", "input"):
-            s.fail(s.path("io"), f"{s.obj['io']!r} is neither 'output' nor 'input'")
-        return Site.from_json(s.obj)
-
-
-def build_on_meta(file: Path, where: str, build: Callable[..., nn.Module], *args: Any) -> nn.Module:
-    """``build(*args)`` on the meta device (tensors take no memory): shapes without allocating.
-
-    A failure is a ``RecipeError`` naming ``file`` and the field ``where``."""
-    try:
-        with torch.device("meta"):
-            return build(*args)
-    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as exc:
-        raise RecipeError(f"{file}: {where}: {exc}") from exc
-
-
-def check_option_kinds(
-    file: Path, given: dict[str, Any], reference: dict[str, Any], where: str
-) -> None:
-    """Each key of ``given`` must be a key of ``reference`` (a module's config), of its JSON kind."""
-    RecipeFields(file, given, where, known=reference)
-    for key, value in given.items():
-        want = json_kind(reference[key])
-        if want != "null" and not _fits(value, want):
-            raise RecipeError(f"{file}: {_field_path(where, key)}: expected {_article(want)}, "
-                              f"got {_describe(value)}")
-
-
-def check_file(file: Path, what: str) -> os.stat_result:
-    """Stat ``file`` following symlinks; it must then be a regular file."""
-    try:
-        st = file.stat()
-    except FileNotFoundError:
-        if file.is_symlink():
-            raise RecipeError(f"{file}: a broken symlink (to {os.readlink(file)})") from None
-        raise RecipeError(f"{file}: missing; a {what} needs {CONFIG_NAME} and {TENSORS_NAME}") \
-            from None
-    except OSError as exc:
-        raise RecipeError(f"{file}: cannot be read ({exc.strerror})") from exc
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        link = f" (a symlink to {file.resolve()})" if file.is_symlink() else ""
-        raise RecipeError(f"{file}: {kind}{link}; a {what}'s files must be regular files")
-    return st
-
-
-def read_recipe_config(path: Path, fmt: str, max_version: int, what: str) -> dict[str, Any]:
-    """The JSON of a recipe directory: parsed, finite, of format ``fmt`` and a readable version.
-
-    The fields themselves are checked by each loader (``RecipeFields``)."""
-    path = Path(path)
-    file = path / CONFIG_NAME
-    if not path.is_dir():
-        problem = "no such directory" if not path.exists() else "not a directory"
-        raise RecipeNotFoundError(f"{path} is not a {what} ({problem})")
-    if not os.path.lexists(file):
-        raise RecipeNotFoundError(f"{path} is not a {what} (no {CONFIG_NAME})")
-    size = check_file(file, what).st_size
-    if size > MAX_CONFIG_BYTES:
-        raise RecipeError(f"{file}: {size} bytes; a recipe's JSON is at most {MAX_CONFIG_BYTES}")
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"{file}: cannot be read ({exc.strerror})") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - raw.rfind(b"\n", 0, exc.start)
-        raise RecipeError(f"{file}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, "
-                          f"column {column})") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
-                          f"{exc.msg}") from None
-    except RecursionError:
-        raise RecipeError(f"{file}: invalid JSON: nested too deeply") from None
-    top = RecipeFields(file, config)
-    bad = non_finite_value(config)
-    if bad:
-        top.fail(bad[0], f"{bad[1]} is not a finite number")
-    if config.get("format") != fmt:
-        raise RecipeError(
-            f"{file} is not a {what} (format {config.get('format')!r}; expected {fmt!r})"
-        )
-    version = top.get("format_version", "integer")
-    if version < 1:
-        top.fail("format_version", f"{version} is not a format version (1, 2, ...)")
-    if version > max_version:
-        raise RecipeError(
-            f"{file} uses {what} format {version}; this steerwise ({__version__}) reads up to "
-            f"{max_version}: upgrade steerwise"
-        )
-    return config
-
-
-def _non_finite_problem(name: str, tensor: torch.Tensor) -> str | None:
-    if not tensor.is_floating_point():
-        return None
-    ok = torch.isfinite(tensor)
-    for suffix, allowed in INFINITY_ALLOWED.items():
-        if name.endswith(suffix):
-            ok |= tensor == allowed
-    if bool(ok.all()):
-        return None
-    nan = int(torch.isnan(tensor).sum())
-    counts = {"NaN": nan, "inf": int((~ok).sum()) - nan}
-    found = " and ".join(f"{what} ({n} of {tensor.numel()} values)" for what, n in counts.items() if n)
-    return f"tensor {name!r} holds {found}; recipe tensors must be finite"
-
-
-def read_recipe_tensors(
-    file: Path, expected: dict[str, tuple[tuple[int, ...], str]], what: str
-) -> dict[str, torch.Tensor]:
-    """The tensors of ``file``, exactly ``expected`` (name → (shape, who needs it)).
-
-    Names, shapes and dtypes are checked on the safetensors header before any tensor is read."""
-    check_file(file, what)
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            header = {}
-            for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                part = f.get_slice(key)
-                header[key] = (tuple(part.get_shape()), part.get_dtype())
-            missing = [k for k in expected if k not in header]
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise RecipeError(f"{file}: missing tensor {missing[0]!r}{more}, needed by "
-                                  f"{expected[missing[0]][1]}")
-            extra = sorted(k for k in header if k not in expected)
-            if extra:
-                names = ", ".join(repr(k) for k in extra[:4])
-                more = f" and {len(extra) - 4} more" if len(extra) > 4 else ""
-                noun = "tensor" if len(extra) == 1 else "tensors"
-                raise RecipeError(f"{file}: unexpected {noun} {names}{more}: no part of "
-                                  f"{CONFIG_NAME} uses them")
-            for name, (shape, owner) in expected.items():
-                got, dtype = header[name]
-                if got != shape:
-                    raise RecipeError(f"{file}: tensor {name!r} has shape {got}, but {owner} "
-                                      f"needs {shape}")
-                if dtype not in FLOAT_DTYPES:
-                    raise RecipeError(f"{file}: tensor {name!r} has dtype {dtype}; recipe "
-                                      f"tensors are floating point ({', '.join(FLOAT_DTYPES)})")
-            tensors = {name: f.get_tensor(name) for name in expected}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise RecipeError(f"{file}: not a readable safetensors file ({exc})") from exc
-    for name, tensor in tensors.items():
-        problem = _non_finite_problem(name, tensor)
-        if problem:
-            raise RecipeError(f"{file}: {problem}")
-    return tensors
-
-
-def state_shapes(module: nn.Module, prefix: str, owner: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Expected tensors of a (meta) module: name → (shape, who needs it)."""
-    return {prefix + k: (tuple(v.shape), owner) for k, v in module.state_dict().items()}
-
-
-def _existing_target(target: Path) -> str:
-    """What ``target`` is now: "missing", "empty" (directory) or "recipe" (directory holding only
-    recipe files); anything else may belong to the user and is refused."""
-    if not os.path.lexists(target):
-        return "missing"
-    if not target.is_dir():
-        raise RecipeError(f"{target} exists and is not a directory; refusing to replace it")
-    names = [p.name for p in target.iterdir()]
-    ours = (CONFIG_NAME, TENSORS_NAME, *((CARD_NAME,) if CONFIG_NAME in names else ()))
-    foreign = sorted(n for n in names if n not in ours)
-    if foreign:
-        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-        raise RecipeError(
-            f"{target} is a directory that holds other files than a recipe ({shown}); refusing "
-            f"to replace it: save to a new or empty directory, or over an existing recipe"
-        )
-    return "recipe" if names else "empty"
-
-
-def write_recipe_dir(
-    target: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """Write ``steerwise.json`` + ``steering.safetensors`` (+ ``extra_files``, name → text: the
-    model card), all or nothing.
-
-    Both files are written to a hidden staging directory beside ``target``. A new ``target``
-    is that directory renamed; an empty one receives the two files (tensors first, the JSON that
-    makes it a recipe last); an existing recipe is swapped as a whole (old → staging, new →
-    ``target``, old put back if that fails). Symlinks in ``target`` are followed."""
-    bad = non_finite_value(config)
-    if bad:
-        raise RecipeError(f"cannot save {target}: {bad[0]} is {bad[1]}; recipe values must be finite")
-    for name, tensor in tensors.items():
-        problem = _non_finite_problem(name, tensor)
-        if problem:
-            raise RecipeError(f"cannot save {target}: {problem}")
-    text = json.dumps(config, indent=2, allow_nan=False)
-    real = Path(os.path.realpath(target))
-    state = _existing_target(real)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.steerwise-", dir=real.parent))
-    new, old = stage / "new", stage / "old"
-    keep_stage = False
-    try:
-        new.mkdir()
-        save_file(tensors, str(new / TENSORS_NAME), metadata={"format": str(config["format"])})
-        for name, content in (extra_files or {}).items():
-            (new / name).write_text(content, encoding="utf-8")
-        (new / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-        names = (*(extra_files or {}), TENSORS_NAME, CONFIG_NAME)
-        if state == "missing":
-            os.rename(new, real)
-        elif state == "empty":  # keep the user's directory (its permissions, a cwd in it)
-            try:
-                for name in names:
-                    os.rename(new / name, real / name)
-            except BaseException:
-                for name in names:
-                    (real / name).unlink(missing_ok=True)
-                raise
-        else:
-            os.rename(real, old)
-            try:
-                os.rename(new, real)
-            except BaseException as exc:
-                try:
-                    os.rename(old, real)
-                except OSError as again:
-                    keep_stage = True
-                    raise RecipeError(
-                        f"saving {real} failed ({exc}) and the previous recipe could not be put "
-                        f"back ({again}): it is in {old}"
-                    ) from exc
-                raise
-    finally:
-        if not keep_stage:
-            shutil.rmtree(stage, ignore_errors=True)
-    return Path(target)
+POSITION_KEYS = ("first_token",)
 
 
 def apply_recipes(
     model: nn.Module, recipes: dict[str, Recipe], *, trace: bool = False
 ) -> SteeringHandle:
     """Install several recipes at once; each batch row then picks its own with
-    ``handle.route(names, strengths)`` (a name, or ``None`` for an unsteered row)."""
-    for name, recipe in recipes.items():
-        try:
-            recipe.check_model(model)
-        except RecipeMismatchError as exc:
-            raise RecipeMismatchError(f"recipe {name!r}: {exc}") from None
-        recipe.check_applicable()
-    return SteeringHandle.many(model, {n: r.entries for n, r in recipes.items()}, trace=trace)
+    ``handle.route(names, strengths)`` (a name, or ``None`` for an unsteered row). Each recipe is
+    checked against the model and keeps its position policy (``steerwise.compile``)."""
+    return SteeringHandle.many(model, recipes, trace=trace)
 
 
 @dataclass
 class Recipe:
-    """A fitted steering: a list of ``SiteSteering`` entries plus metadata."""
+    """A fitted steering: a list of ``SiteSteering`` entries plus metadata.
+
+    ``first_token``: the position policy (``steerwise.positions``): ``"steer"`` (every position,
+    the meaning of recipes saved before the policy existed) or ``"skip"`` (the first real token
+    of each sequence is left unsteered). ``fit`` sets it from ``FitOptions.first_token``."""
 
     model: ModelIdentity
     entries: list[SiteSteering]
@@ -511,6 +103,10 @@ class Recipe:
     gate: str
     default_strength: float = 1.0
     fit_info: dict[str, Any] = field(default_factory=dict)
+    first_token: str = LEGACY_FIRST_TOKEN
+
+    def __post_init__(self) -> None:
+        self.first_token = check_first_token(self.first_token)
 
     # ---- applying --------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
@@ -521,10 +117,8 @@ class Recipe:
         self, model: nn.Module, strength: float | None = None, *, trace: bool = False
     ) -> SteeringHandle:
         """Install the steering on ``model``; use as ``with recipe.apply(model, 4.0): ...``."""
-        self.check_model(model)
-        self.check_applicable()
         s = self.default_strength if strength is None else strength
-        return SteeringHandle(model, self.entries, s, trace=trace)
+        return SteeringHandle(model, self, s, trace=trace)  # checks the model (compile step)
 
     def check_applicable(self) -> None:
         """Refuse recipes that need a driver of their own (multi-bucket diffusion recipes)."""
@@ -552,6 +146,7 @@ class Recipe:
             "method": self.method,
             "gate": self.gate,
             "default_strength": self.default_strength,
+            "positions": {"first_token": self.first_token},
             "fit": self.fit_info,
             "entries": [
                 {
@@ -604,6 +199,15 @@ class Recipe:
         file = path / CONFIG_NAME
         top = RecipeFields(file, config, known=TOP_KEYS)
         ident = top.identity("model")
+        first_token = LEGACY_FIRST_TOKEN  # format 1 (no "positions"): every position is steered
+        if "positions" in top.obj:
+            pos = RecipeFields(file, top.get("positions", "object"), "positions",
+                               known=POSITION_KEYS)
+            first_token = pos.get("first_token", "string", LEGACY_FIRST_TOKEN)
+            try:
+                check_first_token(first_token)
+            except ValueError as exc:
+                pos.fail(pos.path("first_token"), str(exc).replace("first_token must", "must"))
         specs, expected = [], {}
         for i, raw in enumerate(top.get("entries", "array")):
             e = RecipeFields(file, raw, f"entries[{i}]", known=ENTRY_KEYS)
@@ -642,4 +246,5 @@ class Recipe:
             gate=top.get("gate", "string"),
             default_strength=float(top.get("default_strength", "number", 1.0)),
             fit_info=top.get("fit", "object", {}),
+            first_token=first_token,
         )

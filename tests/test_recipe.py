@@ -80,7 +80,7 @@ def test_loading_bad_directories(tmp_path):
 def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     model = make_model("qwen2")
     recipe = random_recipe(model)
-    import steerwise.recipe as rmod
+    import steerwise.recipe_io as rmod  # the file I/O moved out of steerwise.recipe
 
     def broken(*a, **k):
         raise OSError("disk full")

@@ -150,7 +150,7 @@ def test_unreadable_json_names_line_and_column(saved, tmp_path, text, message):
 
 
 def test_an_oversized_json_is_refused_before_it_is_read(saved, tmp_path, monkeypatch):
-    import steerwise.recipe as rmod
+    import steerwise.recipe_io as rmod  # the file I/O moved out of steerwise.recipe
 
     path = copy_of(saved, "steer", tmp_path)
     size = (path / CONFIG_NAME).stat().st_size
@@ -224,7 +224,7 @@ def test_a_huge_declared_width_is_checked_on_the_header_before_anything_is_alloc
 ):
     """With the sanity bound lifted, a 10^12-wide entry (4 TB as float32) still fails at once on
     the header's shape: the JSON's sizes only ever build modules on the meta device."""
-    import steerwise.recipe as rmod
+    import steerwise.recipe_io as rmod  # the file I/O moved out of steerwise.recipe
 
     monkeypatch.setattr(rmod, "MAX_WIDTH", 10**13)
     path = copy_of(saved, "steer", tmp_path)

@@ -2,9 +2,11 @@
 
 A gate turns each token's activation ``t`` (shape (..., d), float32) into a strength in [0, 1]
 with shape ``t.shape[:-1]``; returning ``None`` means "1 everywhere" (ungated). Gates read the
-activation *before* their own site is steered. Per-generation state (e.g. CAST's per-row
-decision taken on the prompt) lives on the gate instance and is cleared by ``reset()``, which
-the hook handle calls when a new sequence starts.
+activation *before* their own site is steered. Per-sequence state (e.g. CAST's per-row decision
+taken on the prompt) belongs to the caller, not to the gate: gates keep it in ``StepContext.state``
+(keyed by ``id(gate)``), which the hook handle owns and clears at every prefill, so one recipe
+applied in two threads keeps two states. ``reset()``, also called at every prefill, is for state a
+gate keeps on itself (wrappers; none of steerwise's gates).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from ..kernel import LinearGate
 
 if TYPE_CHECKING:
     from ..fit import FitOptions
-    from ..hooks import SiteSteering
     from ..sites import Site
+    from ..steering import SiteSteering
 
 GATE_REGISTRY: dict[str, type[Gate]] = {}
 

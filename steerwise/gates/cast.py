@@ -37,6 +37,8 @@ from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from ..maps.base import as_float_rows
+from ..sites import site_width
+from ..steering import SiteSteering
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 ROLES = ("condition", "follow")
@@ -315,9 +317,6 @@ class CASTFitter(GateFitter):
         return GateFit(gates, {s.name: 1.0 for s in sites}, diag)
 
     def finish(self, entries, fitted, acts_s, acts_c, extra):
-        from ..hooks import SiteSteering
-        from ..sites import site_width
-
         def is_condition(e) -> bool:
             return isinstance(e.gate, CASTGate) and e.gate.role == "condition"
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..activations import ensure_pad_token, forward_kwargs, max_model_length, pad_batch, pool, tokenize
 from ..gates.base import NoGate
 from ..kernel import AffineMap
+from ..steering import SiteSteering
 from .base import SteeringMap, register_map
 
 
@@ -219,7 +220,7 @@ def train_end_to_end(
     (a LinEAS map is learned ungated; offline gates are applied afterwards). Returns a summary
     (losses on the full sets before/after, per-step history, sparsity, seconds).
     """
-    from ..hooks import SiteSteering, SteeringHandle
+    from ..hooks import SteeringHandle  # here: at module level, import order would matter
 
     opts = options or LinEASOptions()
     opts.check()
