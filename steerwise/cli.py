@@ -225,7 +225,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                              group_l1=args.group_l1, gamma=args.gamma, e2e_gate=args.e2e_gate,
                              e2e_init=args.e2e_init, seed=args.seed),
         cast=CASTOptions(condition_layer=args.cast_layer, cv_folds=args.cv_folds, seed=args.seed),
-        chat=args.chat,
+        chat=args.chat, first_token=args.first_token,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -386,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", choices=CHAT_ROLES, default=None,
                    help="render texts with the tokenizer's chat template as user / assistant "
                         "messages (instruct models)")
+    from .positions import DEFAULT_FIRST_TOKEN, FIRST_TOKEN_CHOICES
+
+    p.add_argument("--first-token", default=DEFAULT_FIRST_TOKEN, choices=FIRST_TOKEN_CHOICES,
+                   help="the recipe's position policy: steer the first real token of each "
+                        "sequence (the attention sink on many models) or leave it unsteered")
     p.add_argument("--out", required=True, help="recipe directory to write")
     p.set_defaults(func=_cmd_fit)
 

@@ -34,6 +34,7 @@ from .hooks import SiteSteering
 from .maps.base import MAP_REGISTRY, SteeringMap
 from .maps.iti import num_attention_heads, probe_accuracy
 from .maps.lineas import LinEASOptions, train_end_to_end
+from .positions import DEFAULT_FIRST_TOKEN, check_first_token
 from .recipe import ModelIdentity, Recipe
 from .sites import Site, resolve_sites, site_width
 
@@ -47,7 +48,9 @@ class FitOptions:
     ``lineas``: end-to-end training (LinEAS maps, E2E gates); ``cast``: the CAST gate;
     ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site; ``chat``: render
     every text with the tokenizer's chat template as a ``user`` or ``assistant`` message
-    (``steerwise.chat``)."""
+    (``steerwise.chat``); ``first_token``: the recipe's position policy, whether the first real
+    token of each sequence is steered (``"steer"``) or left alone (``"skip"``)
+    (``steerwise.positions``)."""
 
     method: str = "caa"
     gate: str = "dsas"
@@ -63,6 +66,7 @@ class FitOptions:
     cast: CASTOptions = field(default_factory=CASTOptions)
     probe_accuracy: bool = True
     chat: str | None = None
+    first_token: str = DEFAULT_FIRST_TOKEN
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -151,6 +155,7 @@ def fit(
         gate=opts.gate,
         default_strength=opts.default_strength,
         fit_info=fit_info,
+        first_token=opts.first_token,
     )
 
 
@@ -166,6 +171,7 @@ def _options(options: FitOptions | None, overrides: dict[str, Any]) -> FitOption
         )
     if opts.gate not in GATE_FITTERS:
         raise ValueError(f"unknown gate {opts.gate!r}; known: {', '.join(GATE_FITTERS)}")
+    check_first_token(opts.first_token)
     return opts
 
 

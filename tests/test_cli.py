@@ -71,9 +71,10 @@ def test_fit_gate_design_flags(model_dir, tmp_path):
                "--target", str(tmp_path / "t.txt"), "--control", str(tmp_path / "c.txt"),
                "--cv-folds", "3", "--whiten", "--layers", "1", "--threshold", "0",
                "--gate-train-on", "tokens", "--gate-negatives", "control+target",
-               "--gate-calibrate", "0.8", "--out", str(out)])
+               "--gate-calibrate", "0.8", "--first-token", "skip", "--out", str(out)])
     assert rc == 0
     recipe = Recipe.from_pretrained(out)
+    assert recipe.first_token == "skip"  # the position policy (tests/test_compile.py)
     dsas = recipe.fit_info["options"]["dsas"]
     assert (dsas["train_on"], dsas["negatives"], dsas["calibrate"]) == (
         "tokens", "control+target", 0.8)

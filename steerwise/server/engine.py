@@ -15,8 +15,12 @@ attention masks hide other rows' padding, positions are per row, and each row sa
 own ``torch.Generator``. Greedy outputs equal the same request run alone (tests check exact
 tokens for mixed batches).
 
-CAST recipes are refused at start: their gate decides once per sequence at prefill and keeps
-the decision in per-batch state, which cannot follow rows joining and leaving a running batch.
+The recipes are compiled once at start (``steerwise.compile``: identity check, per-site stacks,
+position policy) and checked against what the server runs (``SERVER``): CAST recipes are refused,
+their gate decides once per sequence at prefill and keeps the decision in per-batch state, which
+cannot follow rows joining and leaving a running batch. A recipe that leaves the first token
+unsteered (``first_token="skip"``) is exact under joining too: each admitted group of rows is
+prefilled in its own call, where every row's first real position is found from its mask.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import max_model_length
+from ..compile import Backend, check_backend, compile_steering
 from ..generate import _eos_ids, token_strings
-from ..recipe import Recipe, apply_recipes
+from ..hooks import SteeringHandle
+from ..recipe import Recipe
 
 log = logging.getLogger("steerwise.server")
 
@@ -131,10 +137,12 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.recipes = dict(recipes or {})
-        for name, recipe in self.recipes.items():
-            refuse_unbatchable(name, recipe)
+        for recipe in self.recipes.values():
             for entry in recipe.entries:  # serving never trains: frozen stacks, built once
                 entry.requires_grad_(False)
+        self.compiled = compile_steering(self.recipes, model) if self.recipes else None
+        if self.compiled is not None:
+            check_backend(self.compiled, SERVER)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context = max_model_length(model, tokenizer)
@@ -157,7 +165,8 @@ class Engine:
         self._start_error: BaseException | None = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "prefills": 0, "steps": 0,
                       "max_rows": 0}
-        self._recipe_sites = {n: {e.site.name for e in r.entries} for n, r in self.recipes.items()}
+        self._recipe_sites = {n: self.compiled.sites_of(n) for n in self.recipes} \
+            if self.compiled is not None else {}
         self._thread = threading.Thread(target=self._main, name="steerwise-model", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -199,8 +208,8 @@ class Engine:
     # ---- the worker ----------------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            self.handle = (apply_recipes(self.model, self.recipes, trace=False)
-                           if self.recipes else None)
+            self.handle = (SteeringHandle.compiled(self.model, self.compiled, trace=False)
+                           if self.compiled is not None else None)
         except BaseException as exc:  # noqa: BLE001 -- re-raised by __init__
             self._start_error = exc
             self._ready.set()
@@ -467,16 +476,19 @@ class Engine:
                 "gates": values}
 
 
+# What the server runs: no gate outside the kernel (see the module doc); every site the HF hooks
+# reach.
+SERVER = Backend(
+    "the server",
+    external_gates=False,
+    external_reason="cannot keep it per row: its continuous batching joins and drops rows",
+    remedy=", or use `steerwise generate`",
+)
+
+
 def refuse_unbatchable(name: str, recipe: Recipe) -> None:
-    """Raise for recipes whose gates keep per-sequence state (CAST): see the module doc."""
-    for entry in recipe.entries:
-        if entry.gate.linear_form().kind == "external":
-            raise ValueError(
-                f"recipe {name!r} uses a {recipe.gate!r} gate ({type(entry.gate).__name__}), "
-                f"which decides once per sequence and keeps that decision in per-batch state; "
-                f"the server's continuous batching cannot keep it per row. Serve a recipe fitted "
-                f"with --gate dsas, dsas-adaptive, e2e or none, or use `steerwise generate`"
-            )
+    """Raise for a recipe the server cannot run (CAST gates: see the module doc)."""
+    check_backend(compile_steering({name: recipe}), SERVER)
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:

@@ -5,7 +5,12 @@ after the model is loaded and, before every forward pass, writes each token's re
 strength into two persistent buffers (``fill``). The hooks read those buffers and run the shared
 kernel (``steerwise.kernel``); they have no Python branch on tensor values, so vLLM's
 ``torch.compile`` traces them into its graph, and a token with strength 0 gets its activation
-back bit for bit (``torch.where``).
+back bit for bit (``torch.where``). The recipes are compiled by ``steerwise.compile`` (identity
+check, per-site stacks, position policy) and checked against what this backend runs (``vllm_backend``).
+
+Position policy: a recipe with ``first_token="skip"`` gets strength 0 on the first token of each
+request, the token of a step whose request had no computed token before it (``fill``'s
+``computed``: the V1 runner's ``num_computed_tokens``).
 
 Sites, per decoder layer ``l`` (vLLM flattens tokens: activations are ``(num_tokens, d)``):
 
@@ -28,10 +33,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..compile import Backend, check_backend, compile_steering
 from ..hooks import check_strength
-from ..kernel import SiteStack, build_stack, steer, steer_terms
+from ..identity import ModelIdentity
+from ..kernel import SiteStack, steer, steer_terms
 from ..recipe import Recipe
-from ..sites import FAMILY_OVERRIDES
+from ..sites import FAMILY_OVERRIDES, Site
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +152,25 @@ class VllmSteering:
         self.names = list(recipes)
         self.defaults = {n: float(r.default_strength) for n, r in recipes.items()}
         self.max_tokens = int(max_tokens)
-        for name, recipe in recipes.items():
-            _check_recipe(name, recipe, model_type, hidden_size, num_layers)
+        compiled = compile_steering(
+            recipes, ModelIdentity(model_type=model_type, hidden_size=hidden_size,
+                                   num_layers=num_layers))
+        check_backend(compiled, vllm_backend(model_type, hidden_size))
+        self.compiled = compiled
+        # the position policy: per-step work only when a recipe leaves the first token unsteered
+        self.skips_first = compiled.skips_first
+        self._skip = np.array(compiled.skip_first, dtype=bool)
         if model_type not in TESTED_MODEL_TYPES:
             log.warning("steerwise.vllm: model type %r is untested (tested: %s); its decoder "
                         "layers must return (hidden, residual) like Qwen2/Llama", model_type,
                         ", ".join(TESTED_MODEL_TYPES))
         self.state = RoutingState(self.max_tokens, device)
         prefix, layers = find_decoder_layers(model, num_layers)
-        by_site: dict[tuple[str, int], list[Any]] = {}
-        for r, recipe in enumerate(recipes.values()):
-            for e in recipe.entries:
-                key = parse_site(e.site.name)
-                by_site.setdefault(key, [None] * len(recipes))[r] = e
+        by_site = {parse_site(cs.site.name): cs for cs in compiled.sites}
         self.hooks: list[Any] = []
         self.sites: list[_SiteHook] = []
         try:
-            for (kind, layer), entries in sorted(by_site.items(), key=lambda kv: kv[0][::-1]):
+            for (kind, layer), cs in sorted(by_site.items(), key=lambda kv: kv[0][::-1]):
                 module = layers[layer]
                 if type(module).__name__ == "PPMissingLayer":
                     continue  # another pipeline stage holds this layer
@@ -171,12 +180,7 @@ class VllmSteering:
                         raise ValueError(f"site {kind}.{layer}: {prefix}.{layer} has no "
                                          f"{_CHILD[kind]!r} block")
                     module = child
-                with torch.no_grad():
-                    stack = build_stack(
-                        [None if e is None else (e.map.affine(), e.gate.linear_form(), e.scale)
-                         for e in entries], hidden_size).to(device)
-                site = _SiteHook(kind, layer, stack,
-                                 frozenset(r for r, e in enumerate(entries) if e is not None))
+                site = _SiteHook(kind, layer, cs.stack.to(device), cs.recipes)
                 self.sites.append(site)
                 self.hooks.append(module.register_forward_hook(self._make_hook(site)))
         except BaseException:
@@ -190,10 +194,14 @@ class VllmSteering:
 
     # ---- per step, outside the compiled region --------------------------------------------------
     def fill(self, routes: Sequence[tuple[int, float]], counts: Sequence[int] | np.ndarray,
-             num_tokens: int) -> None:
+             num_tokens: int, computed: Sequence[int] | np.ndarray | None = None) -> None:
         """Write the buffers for one forward pass: request ``i`` owns the next ``counts[i]``
         tokens and is steered by recipe ``routes[i][0]`` at strength ``routes[i][1]``; tokens
-        past the requests (padding) and up to ``num_tokens`` get strength 0."""
+        past the requests (padding) and up to ``num_tokens`` get strength 0.
+
+        ``computed[i]``: how many tokens of request ``i`` were computed before this step (needed
+        when a recipe leaves the first token unsteered: a request with none gets strength 0 on
+        its first token here)."""
         st = self.state
         if num_tokens > self.max_tokens:
             raise ValueError(f"steerwise.vllm: {num_tokens} tokens in one step, buffers hold "
@@ -208,6 +216,16 @@ class VllmSteering:
         n = int(counts.sum())
         idx = np.repeat(np.fromiter((r for r, _ in routes), np.int64, len(routes)), counts)
         val = np.repeat(np.fromiter((s for _, s in routes), np.float32, len(routes)), counts)
+        if self.skips_first:
+            if computed is None:
+                raise ValueError("steerwise.vllm: a recipe leaves the first token unsteered "
+                                 "(first_token='skip'): fill() needs each request's count of "
+                                 "computed tokens")
+            recipe = np.fromiter((r for r, _ in routes), np.int64, len(routes))
+            starts = np.cumsum(counts) - counts
+            first = (np.asarray(computed, dtype=np.int64)[:len(routes)] == 0) & (counts > 0) \
+                & self._skip[recipe]
+            val[starts[first]] = 0.0
         st._cpu_index[:n] = torch.from_numpy(idx)
         st._cpu_strength[:n] = torch.from_numpy(val)
         st._cpu_strength[n:num_tokens] = 0.0
@@ -255,32 +273,24 @@ class VllmSteering:
         return block_hook
 
 
-def _check_recipe(name: str, recipe: Recipe, model_type: str, hidden_size: int,
-                  num_layers: int) -> None:
-    ident = recipe.model
-    problems = []
-    if ident.model_type != model_type:
-        problems.append(f"model type {model_type!r} (recipe: {ident.model_type!r})")
-    if ident.hidden_size != hidden_size:
-        problems.append(f"hidden size {hidden_size} (recipe: {ident.hidden_size})")
-    if ident.num_layers != num_layers:
-        problems.append(f"{num_layers} layers (recipe: {ident.num_layers})")
-    if problems:
-        raise ValueError(f"recipe {name!r} was fitted for another model: the served model has "
-                         + ", ".join(problems))
-    recipe.check_applicable()
-    for e in recipe.entries:
-        kind, _ = parse_site(e.site.name)
+def vllm_backend(model_type: str, hidden_size: int) -> Backend:
+    """What ``steerwise.vllm`` runs on a model of ``model_type``: gates inside the kernel only
+    (no per-sequence state), and the decoder-layer sites ``residual``/``attn``/``mlp`` (the last
+    two only where they are the block's output, not a post-norm)."""
+
+    def site_problem(site: Site, dim: int) -> str | None:
+        try:
+            kind, _ = parse_site(site.name)
+        except ValueError as exc:
+            return str(exc)
         if kind != "residual" and model_type in FAMILY_OVERRIDES:
-            raise ValueError(
-                f"recipe {name!r}, site {e.site.name!r}: in {model_type} the {kind} contribution "
-                f"is a post-norm, not the block's output; steerwise.vllm steers {kind} sites "
-                f"only on families like {', '.join(TESTED_MODEL_TYPES)}")
-        if e.dim != hidden_size:
-            raise ValueError(f"recipe {name!r}, site {e.site.name!r}: width {e.dim}, the model's "
-                             f"hidden size is {hidden_size}")
-        if e.gate.linear_form().kind == "external":
-            raise ValueError(
-                f"recipe {name!r}, site {e.site.name!r}: gate {e.gate.kind!r} keeps per-sequence "
-                f"state outside the kernel (e.g. CAST), which steerwise.vllm does not run; "
-                f"use a none/dsas/dsas-adaptive/e2e gate")
+            return (f"in {model_type} the {kind} contribution is a post-norm, not the block's "
+                    f"output; steerwise.vllm steers {kind} sites only on families like "
+                    f"{', '.join(TESTED_MODEL_TYPES)}")
+        if dim != hidden_size:
+            return f"width {dim}, the model's hidden size is {hidden_size}"
+        return None
+
+    return Backend("steerwise.vllm", external_gates=False,
+                   external_reason="does not run gates outside the kernel",
+                   site_problem=site_problem)

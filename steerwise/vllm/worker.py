@@ -9,7 +9,9 @@ both made in ``load_model`` so that they are in place before vLLM compiles or ca
 - the model runner's ``_model_forward`` (called once per scheduled step, never for warm-up or
   capture runs) first writes each token's recipe and strength into the routing buffers, from
   the V1 runner's persistent batch: ``input_batch.req_ids`` (request order), ``query_start_loc``
-  (token ranges) and ``requests[id].sampling_params.extra_args`` (the request's choice).
+  (token ranges), ``requests[id].sampling_params.extra_args`` (the request's choice) and, when a
+  recipe leaves the first token unsteered, ``input_batch.num_computed_tokens_cpu`` (a request
+  with none computed has its first token in this step).
 
 The recipes come from ``additional_config["steerwise"]["recipes"]`` ({name: directory}); the
 worker adds a digest of the recipe files there, so vLLM's compile cache (keyed on the config
@@ -148,7 +150,8 @@ def install(worker: Any) -> VllmSteering:
             name, strength = parse_request(
                 getattr(params, "extra_args", None), steering.defaults)
             routes.append((0, 0.0) if name is None else (steering.names.index(name), strength))
-        steering.fill(routes, np.diff(qsl), num_tokens)
+        computed = batch.num_computed_tokens_cpu[:n] if steering.skips_first else None
+        steering.fill(routes, np.diff(qsl), num_tokens, computed)
         return original(*args, **kwargs)
 
     runner._model_forward = _model_forward
