@@ -219,6 +219,30 @@ def _prefix_cache_case(llm, tb) -> None:
 
 @needs_shared
 @pytest.mark.slow
+def test_first_token_skip_parity_with_hf(testbed, tmp_path):
+    """The position policy in vLLM: a recipe with first_token="skip" leaves each request's first
+    token unsteered (found from the runner's num_computed_tokens), token for token as HF, in one
+    batch with a recipe that steers it and an unsteered request."""
+    tb = testbed
+    model, eos, ids = tb["model"], tb["eos"], tb["ids"]
+    detox = tb["recipes"]["detox"]
+    skip = Recipe(detox.model, detox.entries, detox.method, detox.gate, detox.default_strength,
+                  dict(detox.fit_info), first_token="skip")
+    path = skip.save_pretrained(tmp_path / "skip")
+    recipes = {"skip": Recipe.from_pretrained(path), "detox": detox}
+    llm = make_engine(TESTBED, {"skip": path, "detox": tb["paths"]["detox"]}, True, tb["cache"])
+    try:
+        items = [(i, n, s) for i in ids for n, s in (("skip", 4.0), ("detox", 4.0), (None, 0.0))]
+        got = tokens(run(llm, items), eos)
+        want = [hf_greedy(model, i, None if n is None else recipes[n], s, eos)
+                for i, n, s in items]
+        assert got == want
+    finally:
+        close(llm)
+
+
+@needs_shared
+@pytest.mark.slow
 def test_server_takes_the_steering_field(testbed, tmp_path):
     """``python -m steerwise.vllm.serve``: vLLM's OpenAI server with the worker, the validator and
     the middleware; ``"steering": {recipe, strength}`` steers exactly as HF; unknown → 400."""
