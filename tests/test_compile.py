@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_hooks import IDS, _generate, assert_padded_batch_equals_rows_alone, logits
 
 from steerwise.activations import pad_batch
-from steerwise.compile import Backend, check_backend, compile_steering
+from steerwise.compile import HF_HOOKS, check_backend, compile_steering
 from steerwise.identity import ModelIdentity, RecipeMismatchError, check_identity
 from steerwise.positions import DEFAULT_FIRST_TOKEN, first_token_keep
 from steerwise.recipe import CONFIG_NAME, Recipe, RecipeError, apply_recipes
@@ -237,7 +237,7 @@ def test_one_refusal_for_every_backend():
                             (vllm_backend("qwen2", 32), "steerwise.vllm does not run")):
         with pytest.raises(ValueError, match=f"recipe 'c' uses a 'cast' gate.*{needle}"):
             check_backend(compiled, backend)
-    check_backend(compiled, Backend("the HF hooks"))  # runs everything
+    check_backend(compiled, HF_HOOKS)  # runs everything
     heads = random_recipe(model, "heads", gated=False)
     with pytest.raises(ValueError, match="recipe 'h', site 'heads.0'.*not supported in vLLM"):
         check_backend(compile_steering({"h": heads}), vllm_backend("qwen2", 32))
