@@ -224,7 +224,7 @@ def fit_options_from_args(args: argparse.Namespace):
     A map option given for a method that does not have it is an error, not ignored."""
     from .fit import FitOptions
     from .maps import MAP_REGISTRY
-    from .options import dest_of, options_from_args
+    from .options import dest_of, flag_of, options_from_args
 
     shared = {k: getattr(args, k) for k in SHARED_FLAGS}
     sections = {name: options_from_args(cls, args, **{k: v for k, v in shared.items()
@@ -238,7 +238,7 @@ def fit_options_from_args(args: argparse.Namespace):
         if fname in own:
             map_options[fname] = value
         elif value != f.default:
-            raise ValueError(f"{dest_of(f).replace('_', '-')} is an option of "
+            raise ValueError(f"{flag_of(f)} is an option of "
                              f"{', '.join(methods)}, not of method {args.method!r}")
     if "seed" in own:
         map_options["seed"] = args.seed
