@@ -9,13 +9,15 @@ numbers at the boundary, and ``main``, which turns bad input into one line on st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,6 +25,16 @@ from rich.table import Table
 
 from .chat import CHAT_ROLES
 from .models import DEFAULT_MODEL
+from .options import (  # noqa: F401 (the argument types other sub-commands import from here)
+    finite_float,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    open_unit_interval,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
                                     "steerwise.scaling.cli", "steerwise.server.cli",
@@ -33,55 +45,6 @@ console = Console()
 
 
 # ---------------------------------------------------------------- argument types (checked at parse)
-
-def _number(text: str, kind: type, what: str, ok: Callable[[float], bool]) -> float:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not math.isfinite(value) or not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """A float that is not NaN or ±inf."""
-    return _number(text, float, "a finite number", lambda v: True)
-
-
-def positive_float(text: str) -> float:
-    return _number(text, float, "a number > 0", lambda v: v > 0)
-
-
-def non_negative_float(text: str) -> float:
-    return _number(text, float, "a number >= 0", lambda v: v >= 0)
-
-
-def unit_interval(text: str) -> float:
-    """A float in [0, 1]."""
-    return _number(text, float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
-
-
-def open_unit_interval(text: str) -> float:
-    """A float in (0, 1] (e.g. nucleus sampling's top-p)."""
-    return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
-
-
-def positive_int(text: str) -> int:
-    return int(_number(text, int, "an integer >= 1", lambda v: v >= 1))
-
-
-def non_negative_int(text: str) -> int:
-    return int(_number(text, int, "an integer >= 0", lambda v: v >= 0))
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        return int(_number(text, int, f"an integer >= {low}", lambda v: v >= low))
-
-    parse.__name__ = f"int_at_least_{low}"
-    return parse
-
 
 def finite_floats(text: str) -> list[float]:
     """Comma-separated finite numbers: ``0,2,4.5``."""
@@ -197,36 +160,102 @@ def diagnostics_table(recipe, title: str = "per-site diagnostics") -> Table:
     return table
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    from .data import load_texts
-    from .fit import FitOptions, fit
+# ---------------------------------------------------------------- steerwise fit's options
+# Every flag of ``steerwise fit`` below comes from the option dataclasses (``steerwise.options``):
+# the name, default, help text, choices and argument type are declared once, on the field.
+# Shared flags: ``--seed`` sets every seed, ``--cv-folds`` the folds of every gate's accuracy.
+SHARED_FLAGS = ("seed", "cv_folds")
+
+
+def _fit_sections():
+    """(FitOptions field, options class, title) of each option section on the command line."""
     from .gates.cast import CASTOptions
     from .gates.dsas import DSASOptions
+    from .gates.e2e import E2EOptions
     from .maps.lineas import LinEASOptions
+
+    return (("dsas", DSASOptions, "DSAS gate options (docs/algorithms.md)"),
+            ("lineas", LinEASOptions, "end-to-end training (LinEAS maps, E2E gates)"),
+            ("e2e", E2EOptions, "E2E-DSAS gate options"),
+            ("cast", CASTOptions, "CAST gate options"))
+
+
+def _map_option_fields() -> dict[str, tuple[Any, list[str]]]:
+    """Each command-line field of the registered maps' options: name → (field, methods)."""
+    from .maps import MAP_REGISTRY
+
+    out: dict[str, tuple[Any, list[str]]] = {}
+    for method, cls in sorted(MAP_REGISTRY.items()):
+        for f in dataclasses.fields(cls.Options):
+            if f.metadata.get("cli") and f.name not in SHARED_FLAGS:
+                out.setdefault(f.name, (f, []))[1].append(method)
+    return out
+
+
+def add_fit_option_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``steerwise fit`` that set ``FitOptions`` (all but the data and model)."""
+    from .fit import FitOptions
+    from .gates.base import gate_kinds
+    from .maps import MAP_REGISTRY
+    from .options import add_field_flag, add_option_flags
+
+    defaults = FitOptions()
+    fields = {f.name: f for f in dataclasses.fields(FitOptions)}
+    p.add_argument("--method", default=defaults.method, choices=sorted(MAP_REGISTRY),
+                   help=fields["method"].metadata["help"])
+    p.add_argument("--gate", default=defaults.gate, choices=list(gate_kinds()),
+                   help=fields["gate"].metadata["help"])
+    add_option_flags(p, FitOptions)
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use at most N texts of each file (default: all)")
+    for name, cls, title in _fit_sections():
+        group = p.add_argument_group(title)
+        shared = [] if name == "dsas" else SHARED_FLAGS  # --seed, --cv-folds: declared once
+        add_option_flags(group, cls, skip=shared)
+    group = p.add_argument_group("map options (see docs/methods.md; each applies to the methods "
+                                 "named in its help)")
+    for f, methods in _map_option_fields().values():
+        add_field_flag(group, f, f.default, f"{f.metadata['help']} [{', '.join(methods)}]")
+
+
+def fit_options_from_args(args: argparse.Namespace):
+    """``FitOptions`` from the parsed flags of ``steerwise fit`` (``add_fit_option_flags``).
+
+    A map option given for a method that does not have it is an error, not ignored."""
+    from .fit import FitOptions
+    from .maps import MAP_REGISTRY
+    from .options import dest_of, flag_of, options_from_args
+
+    shared = {k: getattr(args, k) for k in SHARED_FLAGS}
+    sections = {name: options_from_args(cls, args, **{k: v for k, v in shared.items()
+                                                      if k in cls.field_names()})
+                for name, cls, _ in _fit_sections()}
+    map_cls = MAP_REGISTRY[args.method]
+    own = map_cls.Options.field_names()
+    map_options = {}
+    for fname, (f, methods) in _map_option_fields().items():
+        value = getattr(args, dest_of(f))
+        if fname in own:
+            map_options[fname] = value
+        elif value != f.default:
+            raise ValueError(f"{flag_of(f)} is an option of "
+                             f"{', '.join(methods)}, not of method {args.method!r}")
+    if "seed" in own:
+        map_options["seed"] = args.seed
+    return options_from_args(FitOptions, args, method=args.method, gate=args.gate,
+                             map_options=map_options, **sections)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .data import load_texts
+    from .fit import fit
     from .models import load_model
 
     source = load_texts(args.source, limit=args.limit)
     control = load_texts(args.control, limit=args.limit) if args.control else None
     target = load_texts(args.target, limit=args.limit) if args.target else None
+    opts = fit_options_from_args(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    opts = FitOptions(
-        method=args.method, gate=args.gate, site=args.site, layers=args.layers,
-        pooling=args.pooling, batch_size=args.batch_size, default_strength=args.strength,
-        dsas=DSASOptions(n_components=args.n_components, cv_folds=args.cv_folds,
-                         threshold=args.threshold, below_threshold=args.below_threshold,
-                         whiten=args.whiten, seed=args.seed, train_on=args.gate_train_on,
-                         negatives=args.gate_negatives, calibrate=args.gate_calibrate,
-                         calibrate_eps=args.gate_calibrate_eps),
-        map_options={k: v for k, v in (("top_k_heads", args.top_k_heads),
-                                       ("support", args.support), ("seed", args.seed))
-                     if v is not None},
-        lineas=LinEASOptions(steps=args.lineas_steps, lr=args.lineas_lr,
-                             batch_size=args.lineas_batch_size, l1=args.l1,
-                             group_l1=args.group_l1, gamma=args.gamma, e2e_gate=args.e2e_gate,
-                             e2e_init=args.e2e_init, seed=args.seed),
-        cast=CASTOptions(condition_layer=args.cast_layer, cv_folds=args.cv_folds, seed=args.seed),
-        chat=args.chat, first_token=args.first_token,
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recipe = fit(model, tok, source, control, target, opts)
@@ -315,82 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(e.g. encyclopaedia paragraphs) gave cheaper gates than "
                                      "in-domain benign text (docs/dsas-measured.md)")
     p.add_argument("--target", help="texts to steer towards (default: the control texts)")
-    from .fit import GATES
-    from .gates.dsas import DSASOptions
-    from .maps import MAP_REGISTRY
-
-    p.add_argument("--method", default="caa", choices=sorted(MAP_REGISTRY),
-                   help="how to steer: the map fitted per site (docs/methods.md)")
-    p.add_argument("--gate", default="dsas", choices=list(GATES),
-                   help="when to steer: the per-token gate (none = uniform steering)")
-    p.add_argument("--site", default="residual",
-                   help="residual | attn | mlp | heads | re:<module-regex>[:i] | re-in:<regex>")
-    p.add_argument("--layers", default=None, help="all (default), a range '2-5' or a list '1,3'")
-    p.add_argument("--pooling", default="mean", choices=["mean", "last"],
-                   help="how a text's token activations become one example")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="use at most N texts of each file (default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=16,
-                   help="texts per forward pass while collecting activations")
-    p.add_argument("--strength", type=finite_float, default=1.0,
-                   help="default strength saved in the recipe")
-    p.add_argument("--n-components", type=positive_int, default=5, help="PCA rank r of DSAS gates")
-    p.add_argument("--cv-folds", type=int_at_least(2), default=5,
-                   help="cross-validation folds of the gate accuracy")
-    p.add_argument("--threshold", type=unit_interval, default=0.75,
-                   help="gate accuracy threshold τ")
-    p.add_argument("--below-threshold", default="skip", choices=["skip", "constant"],
-                   help="sites below τ: not steered, or steered at constant strength")
-    p.add_argument("--whiten", action="store_true",
-                   help="divide the PCA components by their standard deviation")
-    defaults = DSASOptions()
-    p.add_argument("--gate-train-on", default=defaults.train_on, choices=["means", "tokens"],
-                   help="DSAS gates learn from text means (the paper) or from every token, as "
-                        "they are applied (docs/dsas-measured.md)")
-    p.add_argument("--gate-negatives", default=defaults.negatives,
-                   choices=["control", "control+target"],
-                   help="what a DSAS gate learns to keep shut: the control texts, or control "
-                        "and target texts (the contrastive gate)")
-    p.add_argument("--gate-calibrate", type=open_unit_interval, default=defaults.calibrate,
-                   metavar="Q", help="rescale each DSAS gate so that a share Q of the negative "
-                                     "tokens gets a gate below --gate-calibrate-eps and the "
-                                     "median source token 1 − ε (default: off, the paper's "
-                                     "gate; 0.9 helped token-trained gates)")
-    p.add_argument("--gate-calibrate-eps", type=open_unit_interval,
-                   default=defaults.calibrate_eps, help="ε of --gate-calibrate")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random step")
-    m = p.add_argument_group("method options (see docs/methods.md)")
-    m.add_argument("--top-k-heads", type=positive_int, default=None,
-                   help="ITI on --site heads: steer the K heads of best probe accuracy "
-                        "(default: 48)")
-    m.add_argument("--support", action=argparse.BooleanOptionalAction, default=None,
-                   help="AcT: apply only inside the source support (default: on for linear-act)")
-    m.add_argument("--lineas-steps", type=positive_int, default=1000,
-                   help="LinEAS / E2E training steps")
-    m.add_argument("--lineas-lr", type=positive_float, default=1e-3,
-                   help="LinEAS / E2E Adam learning rate")
-    m.add_argument("--lineas-batch-size", type=positive_int, default=4,
-                   help="LinEAS / E2E texts per training step")
-    m.add_argument("--l1", type=non_negative_float, default=0.0,
-                   help="LinEAS L1 proximal weight")
-    m.add_argument("--group-l1", type=non_negative_float, default=0.0,
-                   help="LinEAS per-layer group-lasso weight")
-    m.add_argument("--gamma", type=non_negative_float, default=1.0,
-                   help="E2E-DSAS control-term weight γ")
-    m.add_argument("--e2e-gate", default="sigmoid", choices=["sigmoid", "relu"],
-                   help="E2E-DSAS gate non-linearity")
-    m.add_argument("--e2e-init", default="dsas", choices=["dsas", "zero"],
-                   help="E2E-DSAS gate initialisation: the offline DSAS fit, or zeros")
-    m.add_argument("--cast-layer", type=non_negative_int, default=None,
-                   help="CAST condition layer (default: best held-out F1)")
-    p.add_argument("--chat", choices=CHAT_ROLES, default=None,
-                   help="render texts with the tokenizer's chat template as user / assistant "
-                        "messages (instruct models)")
-    from .positions import DEFAULT_FIRST_TOKEN, FIRST_TOKEN_CHOICES
-
-    p.add_argument("--first-token", default=DEFAULT_FIRST_TOKEN, choices=FIRST_TOKEN_CHOICES,
-                   help="the recipe's position policy: steer the first real token of each "
-                        "sequence (the attention sink on many models) or leave it unsteered")
+    add_fit_option_flags(p)
     p.add_argument("--out", required=True, help="recipe directory to write")
     p.set_defaults(func=_cmd_fit)
 

@@ -5,68 +5,99 @@ Sets (docs/algorithms.md notation): ``source`` S = behaviour to remove or the co
 alone. Maps are fitted S → T; DSAS gates S (label 1) vs C (label 0). When no target set is
 given, the control set serves as the target (the usual toxicity set-up: toxic → neutral).
 
-Every map combines with every gate. ``fit`` is a short pipeline: collect pooled activations,
-fit the maps (each map class owns its ``fit``), fit the gates (each gate kind owns a
-``GateFitter``, ``steerwise.gates.base``), train end to end when the map (LinEAS) or the gate
-(E2E-DSAS) is learned through the frozen model (``steerwise.maps.lineas.train_end_to_end``),
-let the gate kind finish (CAST's condition site), and diagnose. Each site's diagnostics report the gate's held-out
-accuracy (S vs C) and a probe's held-out accuracy (S vs T), so a user sees where the signal is.
+Every map combines with every gate. ``fit`` is a short pipeline that only calls what the base
+classes declare (``SteeringMap``, ``GateFitter``): collect pooled activations, fit the maps
+(each map class owns its ``fit`` and ``finalize``), fit the gates (each gate kind owns a
+``GateFitter``) and let the kind calibrate them, train end to end when the map (LinEAS) or the
+gate (E2E-DSAS) is learned through the frozen model (``train``: ``steerwise.training``), let the
+gate kind finish (CAST's condition site), and diagnose. Each site's diagnostics report the
+gate's held-out accuracy (S vs C) and a probe's held-out accuracy (S vs T), so a user sees
+where the signal is.
+
+Options: ``FitOptions`` and the option dataclasses it holds declare every option once (type,
+default, help, CLI flag: ``steerwise.options``); ``map_options`` is a dict checked against the
+map's ``Options`` (an unknown key names the closest known one).
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
+import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .activations import TOKEN_TEXT, collect_activations
-from .gates import GATE_FITTERS
-from .gates.base import GateFit, GateFitter, Pooled
+from .chat import CHAT_ROLES
+from .gates import GATE_FITTERS, gate_kinds
+from .gates.base import GateFitter, Pooled
 from .gates.cast import CASTOptions
-from .gates.dsas import DSASGate, DSASOptions, calibrate_gate, check_two_class
+from .gates.dsas import DSASOptions, check_two_class
+from .gates.e2e import E2EOptions
 from .hooks import SiteSteering
 from .maps.base import MAP_REGISTRY, SteeringMap
-from .maps.iti import num_attention_heads, probe_accuracy
-from .maps.lineas import LinEASOptions, train_end_to_end
-from .positions import DEFAULT_FIRST_TOKEN, check_first_token
+from .maps.iti import probe_accuracy
+from .maps.lineas import LinEASOptions
+from .options import Options, check_keys, finite_float, option, positive_int, unknown_key_error
+from .positions import DEFAULT_FIRST_TOKEN, FIRST_TOKEN_CHOICES, check_first_token
 from .recipe import ModelIdentity, Recipe
 from .sites import Site, resolve_sites, site_width
 
-GATES = tuple(GATE_FITTERS)  # every registered gate kind: none, dsas, dsas-adaptive, cast, e2e
+GATES = gate_kinds()  # the gate kinds registered by steerwise itself: none first, then by name
+
+# E2E options that lived in ``lineas`` before they moved to ``e2e`` (still read from dicts:
+# sweep specs, ``FitOptions.updated``): old key → new key
+LEGACY_LINEAS_KEYS = {"e2e_gate": "activation", "e2e_init": "init", "gamma": "gamma"}
 
 
 @dataclass
-class FitOptions:
-    """How to fit. ``map_options`` are passed to the map's ``fit`` (method-specific), e.g.
-    ``top_k_heads`` (ITI per head), ``support`` / ``support_quantiles`` (AcT).
-    ``lineas``: end-to-end training (LinEAS maps, E2E gates); ``cast``: the CAST gate;
-    ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site; ``chat``: render
-    every text with the tokenizer's chat template as a ``user`` or ``assistant`` message
-    (``steerwise.chat``); ``first_token``: the recipe's position policy, whether the first real
-    token of each sequence is steered (``"steer"``) or left alone (``"skip"``)
-    (``steerwise.positions``)."""
+class FitOptions(Options):
+    """How to fit. ``map_options`` are the map's options (its ``Options`` dataclass, given as
+    a dict), e.g. ``top_k_heads`` (ITI per head), ``support`` / ``support_quantiles`` (AcT).
+    Each gate kind reads its own section: ``dsas`` (DSAS, and the start of E2E gates),
+    ``cast``, ``e2e``; ``gate_options`` (a dict) holds the options of a kind without a section.
+    ``lineas``: end-to-end training (LinEAS maps, E2E gates); ``probe_accuracy``: report a
+    probe's held-out S-vs-T accuracy per site; ``chat``: render every text with the tokenizer's
+    chat template as a ``user`` or ``assistant`` message (``steerwise.chat``); ``first_token``: the
+    recipe's position policy, whether the first real token of each sequence is steered
+    (``"steer"``) or left alone (``"skip"``) (``steerwise.positions``)."""
 
-    method: str = "caa"
-    gate: str = "dsas"
-    site: str = "residual"
-    layers: str | int | Sequence[int] | None = None
-    pooling: str = "mean"
-    batch_size: int = 16
-    max_length: int | None = None
-    default_strength: float = 1.0
-    dsas: DSASOptions = field(default_factory=DSASOptions)
-    map_options: dict[str, Any] = field(default_factory=dict)
-    lineas: LinEASOptions = field(default_factory=LinEASOptions)
-    cast: CASTOptions = field(default_factory=CASTOptions)
-    probe_accuracy: bool = True
-    chat: str | None = None
-    first_token: str = DEFAULT_FIRST_TOKEN
+    method: str = option("caa", "how to steer: the map fitted per site (docs/methods.md)",
+                         cli=False)
+    gate: str = option("dsas", "when to steer: the per-token gate (none = uniform steering)",
+                       cli=False)
+    site: str = option("residual",
+                       "residual | attn | mlp | heads | re:<module-regex>[:i] | re-in:<regex>")
+    layers: str | int | Sequence[int] | None = option(
+        None, "all (default), a range '2-5' or a list '1,3'")
+    pooling: str = option("mean", "how a text's token activations become one example",
+                          choices=("mean", "last"))
+    batch_size: int = option(16, "texts per forward pass while collecting activations",
+                             type=positive_int)
+    max_length: int | None = option(None, "tokens per text at most (default: the model's)",
+                                    cli=False)
+    default_strength: float = option(1.0, "default strength saved in the recipe",
+                                     flag="--strength", type=finite_float)
+    dsas: DSASOptions = option(default_factory=DSASOptions, cli=False)
+    map_options: dict[str, Any] = option(default_factory=dict, cli=False)
+    lineas: LinEASOptions = option(default_factory=LinEASOptions, cli=False)
+    cast: CASTOptions = option(default_factory=CASTOptions, cli=False)
+    e2e: E2EOptions = option(default_factory=E2EOptions, cli=False)
+    gate_options: dict[str, Any] = option(default_factory=dict, cli=False)
+    probe_accuracy: bool = option(True, "report a probe's held-out S-vs-T accuracy per site",
+                                  cli=False)
+    chat: str | None = option(
+        None, "render texts with the tokenizer's chat template as user / assistant messages "
+              "(instruct models)", choices=CHAT_ROLES)
+    first_token: str = option(
+        DEFAULT_FIRST_TOKEN, "the recipe's position policy: steer the first real token of each "
+        "sequence (the attention sink on many models) or leave it unsteered",
+        choices=FIRST_TOKEN_CHOICES)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -74,6 +105,66 @@ class FitOptions:
             self.layers, str
         ) else list(self.layers)
         return out
+
+    def updated(self, overrides: Mapping[str, Any], what: str = "fit option") -> FitOptions:
+        """A copy with ``overrides`` set (``self`` is left as it is). A dict for a nested
+        section (``dsas``, ``lineas``, ...) sets fields of it; the E2E keys that used to live in
+        ``lineas`` (``e2e_gate``, ``e2e_init``, ``gamma``) go to ``e2e``; an unknown key raises
+        ``ValueError`` naming the closest known one."""
+        overrides = dict(overrides)
+        lineas = overrides.get("lineas")
+        if isinstance(lineas, Mapping) and any(k in LEGACY_LINEAS_KEYS for k in lineas):
+            moved = {LEGACY_LINEAS_KEYS[k]: v for k, v in lineas.items() if k in LEGACY_LINEAS_KEYS}
+            overrides["lineas"] = {k: v for k, v in lineas.items() if k not in LEGACY_LINEAS_KEYS}
+            overrides["e2e"] = {**moved, **dict(overrides.get("e2e") or {})}
+        check_keys(overrides, self.field_names(), what)
+        values: dict[str, Any] = {}
+        for key, value in overrides.items():
+            current = getattr(self, key)
+            if isinstance(current, Options) and isinstance(value, Mapping):
+                check_keys(value, current.field_names(), f"{what} {key}.")
+                value = dataclasses.replace(current, **value)
+            values[key] = copy.deepcopy(value)
+        return dataclasses.replace(copy.deepcopy(self), **values)
+
+
+@dataclass
+class FitContext:
+    """What a gate kind's (and an end-to-end map's) fit steps may use besides the activations:
+    the model, the texts, the options, and ``collect`` (a further pass over some texts)."""
+
+    model: nn.Module
+    tokenizer: Any
+    options: FitOptions
+    sites: list[Site]
+    extra_sites: list[Site]
+    map_cls: type[SteeringMap]
+    source: list[str]
+    control: list[str] | None
+    target: list[str]
+    acts_t: Pooled
+    fit_info: dict[str, Any]
+    progress: bool = True
+
+    def collect(self, sites: Sequence[Site], texts: Sequence[str], desc: str,
+                **kwargs: Any) -> Pooled:
+        """``collect_activations`` over ``texts`` at ``sites`` with the fit's batch size and
+        length, the model in eval mode (keyword arguments: ``pooling``, ``project``, ...)."""
+        opts = self.options
+        with _eval_mode(self.model):
+            return collect_activations(self.model, self.tokenizer, list(texts), sites=list(sites),
+                                       batch_size=opts.batch_size, max_length=opts.max_length,
+                                       progress=self.progress, desc=desc, **kwargs)
+
+    def negative_texts(self) -> list[str] | None:
+        """What the gates learned to keep shut, as texts (``dsas.negatives``)."""
+        if self.options.dsas.negatives == "control" or self.target is self.control:
+            return self.control
+        return (self.control or []) + self.target
+
+    def target_means(self) -> dict[str, torch.Tensor]:
+        """The mean-pooled target activations per site (end-to-end training's target)."""
+        return {n: a["mean"] for n, a in self.acts_t.items()}
 
 
 def _check_texts(name: str, texts: Sequence[str] | None) -> list[str] | None:
@@ -108,16 +199,17 @@ def fit(
     opts = _options(options, overrides)
     map_cls = MAP_REGISTRY[opts.method]
     gating = GATE_FITTERS[opts.gate]
+    map_opts = map_cls.options(opts.map_options)
     source, control, target = _check_sets(opts, gating, source, control, target)
     if opts.chat is not None:
         source, control, target = _render_chat(tokenizer, opts.chat, source, control, target)
-    end_to_end = bool(getattr(map_cls, "end_to_end", False)) or gating.trains_end_to_end
+    end_to_end = map_cls.end_to_end or gating.trains_end_to_end
     if end_to_end:
         opts.lineas.check()
 
     sites = resolve_sites(model, opts.site, opts.layers)
     extra_sites = gating.extra_sites(model, sites, opts)
-    acts_s, acts_t, acts_c = _collect(model, tokenizer, opts, sites + extra_sites,
+    acts_s, acts_t, acts_c = _collect(model, tokenizer, opts, gating, sites + extra_sites,
                                       source, target, control, progress)
     fit_info: dict[str, Any] = {
         "n_source": len(source),
@@ -126,24 +218,21 @@ def fit(
         "target_is_control": target is control,
         "options": opts.to_json(),
     }
-    maps = _fit_maps(model, opts, map_cls, sites, acts_s, acts_t, fit_info)
+    ctx = FitContext(model, tokenizer, opts, sites, extra_sites, map_cls, source, control, target,
+                     acts_t, fit_info, progress)
+    maps = _fit_maps(model, opts, map_cls, map_opts, sites, acts_s, acts_t, fit_info)
     fitted = gating.fit(sites + extra_sites, acts_s, gate_negatives(acts_c, acts_t, opts), opts)
-    if opts.dsas.calibrate is not None and not gating.trains_end_to_end:
-        negatives = control if opts.dsas.negatives == "control" or target is control else (
-            (control or []) + target)
-        _calibrate(model, tokenizer, opts, sites, fitted, source, negatives, progress)
+    if not gating.trains_end_to_end:
+        gating.calibrate(ctx, fitted)
     entries = [
         SiteSteering(site, m, fitted.gates[site.name], fitted.scales[site.name],
                      dict(fitted.diagnostics.get(site.name, {})))
         for site, m in zip(sites, maps)
     ]
     if end_to_end:
-        fit_info["training"] = train_end_to_end(
-            model, tokenizer, entries, source, {n: a["mean"] for n, a in acts_t.items()},
-            control, opts.lineas, max_length=opts.max_length, progress=progress,
-        )
-    entries = gating.finish(entries, fitted, acts_s, acts_c, {
-        "model": model, "map_cls": map_cls, "extra_sites": extra_sites, "fit_info": fit_info})
+        trainer = gating if gating.trains_end_to_end else map_cls
+        fit_info["training"] = trainer.train(ctx, entries)
+    entries = gating.finish(entries, fitted, acts_s, acts_c, ctx)
     _diagnose(entries, opts, acts_s, acts_t)
     for msg in gating.warnings(entries, opts):
         warnings.warn(msg)
@@ -160,11 +249,13 @@ def fit(
 
 
 def _options(options: FitOptions | None, overrides: dict[str, Any]) -> FitOptions:
+    """The options of one fit: a copy of ``options`` with ``overrides`` (the caller's object is
+    never changed), the method and gate checked."""
     opts = options or FitOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown fit option {key!r}")
-        setattr(opts, key, value)
+    for key in overrides:
+        if key not in FitOptions.field_names():
+            raise TypeError(str(unknown_key_error(key, FitOptions.field_names(), "fit option")))
+    opts = opts.updated(overrides)
     if opts.method not in MAP_REGISTRY:
         raise ValueError(
             f"unknown method {opts.method!r}; known: {', '.join(sorted(MAP_REGISTRY))}"
@@ -208,11 +299,11 @@ def _render_chat(
 
 
 def _collect(
-    model: nn.Module, tokenizer, opts: FitOptions, sites: list[Site], source: list[str],
-    target: list[str], control: list[str] | None, progress: bool,
+    model: nn.Module, tokenizer, opts: FitOptions, gating: GateFitter, sites: list[Site],
+    source: list[str], target: list[str], control: list[str] | None, progress: bool,
 ) -> tuple[Pooled, Pooled, Pooled | None]:
     """Pooled activations of S, T and C at every site (each set collected once)."""
-    poolings = {opts.pooling, "mean"} | ({"tokens"} if opts.dsas.needs_tokens else set())
+    poolings = {opts.pooling, "mean"} | gating.poolings(opts)
     with _eval_mode(model):
         kw = dict(sites=sites, batch_size=opts.batch_size, max_length=opts.max_length,
                   progress=progress, pooling=sorted(poolings))
@@ -238,30 +329,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _calibrate(model: nn.Module, tokenizer, opts: FitOptions, sites: list[Site], fitted: GateFit,
-               source: list[str], negatives: list[str] | None, progress: bool) -> None:
-    """``dsas.calibrate``: a second pass over the source and negative texts keeps each DSAS
-    gate's logit per token (not the activations: memory O(tokens · sites)), then rescales the
-    gate (``steerwise.gates.dsas.calibrate_gate``); the shares reached go to the diagnostics."""
-    gates = {s.name: fitted.gates[s.name] for s in sites
-             if isinstance(fitted.gates.get(s.name), DSASGate) and not fitted.gates[s.name].constant}
-    if not gates or not negatives:
-        return
-    project = {name: g.weight.detach().reshape(-1, 1) for name, g in gates.items()}
-    chosen = [s for s in sites if s.name in gates]
-    with _eval_mode(model):
-        kw = dict(sites=chosen, batch_size=opts.batch_size, max_length=opts.max_length,
-                  progress=progress, pooling=("tokens",), project=project)
-        z_s = collect_activations(model, tokenizer, source, desc="calibration: source", **kw)
-        z_n = collect_activations(model, tokenizer, negatives, desc="calibration: negatives",
-                                  **kw)
-    for name, gate in gates.items():
-        bias = gate.bias.detach()
-        fitted.diagnostics.setdefault(name, {}).update(calibrate_gate(
-            gate, z_s[name]["tokens"].flatten() + bias, z_n[name]["tokens"].flatten() + bias,
-            opts.dsas.calibrate, opts.dsas.calibrate_eps))  # type: ignore[arg-type]
-
-
 def gate_negatives(acts_c: Pooled | None, acts_t: Pooled, opts: FitOptions) -> Pooled | None:
     """What a gate learns to keep shut: the control set, or control ∪ target
     (``dsas.negatives = "control+target"``, the contrastive gate; a target that is the control
@@ -279,22 +346,18 @@ def gate_negatives(acts_c: Pooled | None, acts_t: Pooled, opts: FitOptions) -> P
 
 
 def _fit_maps(
-    model: nn.Module, opts: FitOptions, map_cls: type[SteeringMap], sites: list[Site],
-    acts_s: Pooled, acts_t: Pooled, fit_info: dict[str, Any],
+    model: nn.Module, opts: FitOptions, map_cls: type[SteeringMap], map_opts: Any,
+    sites: list[Site], acts_s: Pooled, acts_t: Pooled, fit_info: dict[str, Any],
 ) -> list[SteeringMap]:
     """One map per site: offline maps fitted S → T; end-to-end maps start at the identity."""
-    kwargs = dict(opts.map_options)
-    if opts.site == "heads" and "n_heads" in inspect.signature(map_cls.fit).parameters:
-        kwargs.setdefault("n_heads", num_attention_heads(model))
-    if getattr(map_cls, "end_to_end", False):
+    if map_cls.end_to_end:
         return [map_cls.empty(site_width(model, s), dict(opts.map_options)) for s in sites]
+    map_opts = map_cls.adapt_options(map_opts, model, opts.site)
     pool = opts.pooling
-    maps = [map_cls.fit(acts_s[s.name][pool], acts_t[s.name][pool], **kwargs) for s in sites]
-    finalize = getattr(map_cls, "finalize", None)
-    if callable(finalize):
-        summary = finalize(maps, **kwargs)
-        if summary:
-            fit_info["map"] = summary
+    maps = [map_cls.fit(acts_s[s.name][pool], acts_t[s.name][pool], map_opts) for s in sites]
+    summary = map_cls.finalize(maps, map_opts)
+    if summary:
+        fit_info["map"] = summary
     return maps
 
 
@@ -308,8 +371,9 @@ def _diagnose(entries: list[SiteSteering], opts: FitOptions, acts_s: Pooled,
                 s_pool, acts_t[e.site.name]["mean"], cv_folds=opts.dsas.cv_folds,
                 seed=opts.dsas.seed,
             )
-        if hasattr(e.map, "active_dims"):
-            e.diagnostics["active_dims"] = e.map.active_dims()
+        active = e.map.active_dims()
+        if active is not None:
+            e.diagnostics["active_dims"] = active
         with torch.no_grad():
             e.diagnostics["source_norm"] = float(s_map.norm(dim=1).mean())
             e.diagnostics["delta_norm"] = float(e.map.delta(s_map.mean(0)).norm())

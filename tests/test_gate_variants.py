@@ -171,7 +171,7 @@ def test_sweep_fits_each_variant_with_its_options_and_control_pool(tmp_path, tok
     seen = {}
 
     def fake_fit(model, tok, source, control, target, opts, progress=False):
-        seen[(opts.gate, opts.dsas.train_on, opts.lineas.e2e_gate)] = (opts, control)
+        seen[(opts.gate, opts.dsas.train_on, opts.e2e.activation)] = (opts, control)
         return random_recipe(model)
 
     def fake_eval(model, tok, data, scorer, config, recipe, strength, seed):

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from conftest import FAMILIES, make_model
 from steerwise.activations import pad_batch
 from steerwise.fit import GATES, FitOptions, fit
-from steerwise.gates import CASTGate, DSASOptions, E2EGate, StepContext
+from steerwise.gates import CASTGate, DSASOptions, E2EGate, E2EOptions, StepContext
 from steerwise.gates.cast import CASTOptions, best_threshold, cast_similarity, fit_condition
 from steerwise.hooks import SiteSteering
 from steerwise.maps import CAAMap, ITIMap, LinEASMap, LinearActMap, MeanActMap
@@ -218,8 +218,8 @@ def test_e2e_gates_end_up_higher_on_source_than_on_control(tokenizer, activation
     """From zero (0.5 everywhere) the sigmoid gates learn to tell S from C on their own."""
     model = make_wide_model()
     opts = quick(method="lineas", gate="e2e",
-                 lineas=LinEASOptions(steps=30, lr=5e-2, batch_size=4, gamma=1.0,
-                                      e2e_gate=activation, e2e_init=init))
+                 lineas=LinEASOptions(steps=30, lr=5e-2, batch_size=4),
+                 e2e=E2EOptions(gamma=1.0, activation=activation, init=init))
     recipe = fit(model, tokenizer, SOURCE, CONTROL, TARGET, opts, progress=False)
     assert all(isinstance(e.gate, E2EGate) and e.gate.activation == activation
                for e in recipe.entries)
@@ -371,8 +371,8 @@ def test_probe_and_gate_accuracy_are_reported_per_site(tokenizer, tmp_path):
 def test_lineas_map_refuses_an_offline_fit_and_bad_options_are_named():
     with pytest.raises(TypeError, match="end to end"):
         LinEASMap.fit(torch.zeros(4, 2), torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="e2e_gate"):
-        LinEASOptions(e2e_gate="tanh").check()
+    with pytest.raises(ValueError, match="e2e-gate"):
+        E2EOptions(activation="tanh").check()
     with pytest.raises(ValueError, match="n_heads"):
         ITIMap.fit(torch.randn(8, 10), torch.randn(8, 10), n_heads=3)
     with pytest.raises(ValueError, match="support quantiles"):

@@ -92,7 +92,7 @@ def _prompts(name: str, prompts: Sequence[str] | None) -> list[str] | None:
 
 def _check(opts: DiffusionFitOptions) -> DSASOptions:
     offline = sorted(  # maps fitted from pooled activations (not end to end through the model)
-        k for k, v in MAP_REGISTRY.items() if hasattr(v, "fit") and not getattr(v, "end_to_end", False)
+        k for k, v in MAP_REGISTRY.items() if not v.end_to_end
     )
     if opts.method not in offline:
         raise ValueError(

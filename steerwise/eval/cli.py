@@ -82,7 +82,7 @@ def _value(text: str) -> Any:
 
 def parse_gate_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME=KIND[,key=value,...]`` → (name, variant). Keys: ``control`` (a control pool of the
-    data), ``section.field`` (a field of a nested fit option, e.g. ``lineas.e2e_gate=relu``),
+    data), ``section.field`` (a field of a nested fit option, e.g. ``e2e.activation=relu``),
     a ``DSASOptions`` field (e.g. ``train_on=tokens``), or another ``FitOptions`` field."""
     from ..fit import GATES, FitOptions
     from ..gates.dsas import DSASOptions
@@ -309,7 +309,7 @@ def register(subparsers) -> None:
                    help="comma-separated gates to compare: gate kinds or --gate-variant names")
     p.add_argument("--gate-variant", action="append", metavar="NAME=KIND[,key=value...]",
                    help="a named gate with its own options, e.g. 'tok=dsas,train_on=tokens,"
-                        "control=mix' or 'relu=e2e,lineas.e2e_gate=relu' (repeatable; keys: "
+                        "control=mix' or 'relu=e2e,e2e.activation=relu' (repeatable; keys: "
                         "control pool, DSASOptions fields, FitOptions fields, section.field)")
     p.add_argument("--grid", action="append",
                    help="strengths: '0.5,1,2' for all methods, 'caa=0.5,1,2' for one, "

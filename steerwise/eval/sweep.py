@@ -221,14 +221,8 @@ def build_fit_options(method: str, gate: str, config: SweepConfig):
                       batch_size=config.batch_size)
     overrides = dict(config.fit_options)
     per_method = overrides.pop("per_method", {}).get(method, {})
-    for key, value in _merge(_merge(overrides, per_method), variant["fit_options"]).items():
-        if not hasattr(opts, key):
-            raise ValueError(f"unknown fit option {key!r} in the sweep's fit_options")
-        current = getattr(opts, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = dataclasses.replace(current, **value)
-        setattr(opts, key, value)
-    return opts
+    return opts.updated(_merge(_merge(overrides, per_method), variant["fit_options"]),
+                        "fit option (in the sweep's fit_options)")
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Gates ("when"): each registers itself under its kind."""
-# ruff: noqa: I001  (the import order of the gate modules is the order of steerwise.fit.GATES)
+"""Gates ("when"): each registers itself under its kind (the order of the imports below does
+not matter: ``gate_kinds()`` lists the kinds by name)."""
 
 from .base import (
     GATE_FITTERS,
@@ -10,12 +10,13 @@ from .base import (
     NoGate,
     StepContext,
     gate_from_config,
+    gate_kinds,
     register_gate,
     register_gate_fitter,
 )
-from .dsas import DSASGate, DSASOptions, layer_scale
 from .cast import CASTGate, CASTOptions
-from .e2e import E2EGate
+from .dsas import DSASGate, DSASOptions, layer_scale
+from .e2e import E2EGate, E2EOptions
 
 __all__ = [
     "GATE_FITTERS",
@@ -25,12 +26,14 @@ __all__ = [
     "DSASGate",
     "DSASOptions",
     "E2EGate",
+    "E2EOptions",
     "Gate",
     "GateFit",
     "GateFitter",
     "NoGate",
     "StepContext",
     "gate_from_config",
+    "gate_kinds",
     "layer_scale",
     "register_gate",
     "register_gate_fitter",

@@ -27,7 +27,7 @@ every forward is a prefill, so the decision is retaken on the whole sequence at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +37,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from ..maps.base import as_float_rows
+from ..options import Options, int_at_least, non_negative_int, option
 from ..sites import site_width
 from ..steering import SiteSteering
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
@@ -46,19 +47,22 @@ COMPARATORS = ("greater", "smaller")
 
 
 @dataclass
-class CASTOptions:
+class CASTOptions(Options):
     """``condition_layer``: the layer of the condition site (default: best held-out F1 among
     the steered sites); ``vector``: ``"pca"`` (pair-centred PCA, default) or ``"mean-diff"``;
     ``comparator``: ``"auto"`` (by F1), ``"greater"`` or ``"smaller"``."""
 
-    condition_layer: int | None = None
-    vector: Literal["pca", "mean-diff"] = "pca"
-    comparator: Literal["auto", "greater", "smaller"] = "auto"
-    cv_folds: int = 5
-    seed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    condition_layer: int | None = option(
+        None, "CAST condition layer (default: best held-out F1)", flag="--cast-layer",
+        type=non_negative_int)
+    vector: Literal["pca", "mean-diff"] = option("pca", "CAST condition vector", cli=False,
+                                                 choices=("pca", "mean-diff"))
+    comparator: Literal["auto", "greater", "smaller"] = option(
+        "auto", "CAST threshold side (auto: by F1)", cli=False,
+        choices=("auto", *COMPARATORS))
+    cv_folds: int = option(5, "folds of the held-out F1", flag="--cv-folds",
+                           type=int_at_least(2))
+    seed: int = option(0, "seed of the folds and the PCA", flag="--seed")
 
 
 # ---- the statistic ----------------------------------------------------------------------------
@@ -280,6 +284,8 @@ class CASTFitter(GateFitter):
     carried by an identity map."""
 
     kind = "cast"
+    Options = CASTOptions
+    options_field = "cast"
 
     def cv_folds(self, opts) -> int:
         return opts.cast.cv_folds
@@ -316,18 +322,17 @@ class CASTFitter(GateFitter):
                 gates[s.name] = CASTGate("follow", condition_site=cond)
         return GateFit(gates, {s.name: 1.0 for s in sites}, diag)
 
-    def finish(self, entries, fitted, acts_s, acts_c, extra):
+    def finish(self, entries, fitted, acts_s, acts_c, ctx):
         def is_condition(e) -> bool:
             return isinstance(e.gate, CASTGate) and e.gate.role == "condition"
 
         if not any(is_condition(e) for e in entries):  # carried by an identity map
-            site = extra["extra_sites"][0]
-            ident = extra["map_cls"].empty(site_width(extra["model"], site),
-                                           entries[0].map.config())
+            site = ctx.extra_sites[0]
+            ident = ctx.map_cls.empty(site_width(ctx.model, site), entries[0].map.config())
             entries.append(SiteSteering(site, ident, fitted.gates[site.name], 1.0,
                                         {**fitted.diagnostics.get(site.name, {}),
                                          "condition_only": True}))
             entries.sort(key=lambda e: e.site.layer)
-        extra["fit_info"]["cast"] = {
+        ctx.fit_info["cast"] = {
             "condition_site": next(e.site.name for e in entries if is_condition(e))}
         return entries

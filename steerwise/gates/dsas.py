@@ -41,13 +41,22 @@ from torch import Tensor
 from ..activations import TOKEN_TEXT
 from ..kernel import LinearGate
 from ..maps.base import as_float_rows
+from ..options import (
+    Options,
+    int_at_least,
+    non_negative_int,
+    open_unit_interval,
+    option,
+    positive_int,
+    unit_interval,
+)
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 APPLY_ON = ("tokens", "prefix-mean")
 
 
 @dataclass
-class DSASOptions:
+class DSASOptions(Options):
     """Options of the offline DSAS fit (defaults from the DSAS paper; docs/algorithms.md).
 
     ``below_threshold``: what to do with a layer whose gate accuracy is under ``threshold``:
@@ -56,19 +65,36 @@ class DSASOptions:
     threshold.
     """
 
-    n_components: int = 5
-    cv_folds: int = 5
-    threshold: float = 0.75
-    below_threshold: Literal["skip", "constant"] = "skip"
-    adaptive: bool = False
-    whiten: bool = False
-    C: float = 1.0
-    seed: int = 0
-    train_on: Literal["means", "tokens"] = "means"
-    negatives: Literal["control", "control+target"] = "control"
-    calibrate: float | None = None
-    calibrate_eps: float = 0.1
-    apply_on: Literal["tokens", "prefix-mean"] = "tokens"
+    n_components: int = option(5, "PCA rank r of DSAS gates", type=positive_int)
+    cv_folds: int = option(5, "cross-validation folds of the gate accuracy",
+                           type=int_at_least(2))
+    threshold: float = option(0.75, "gate accuracy threshold τ", type=unit_interval)
+    below_threshold: Literal["skip", "constant"] = option(
+        "skip", "sites below τ: not steered, or steered at constant strength",
+        choices=("skip", "constant"))
+    adaptive: bool = option(False, "adaptive accuracy scaling (the dsas-adaptive gate)",
+                            cli=False)
+    whiten: bool = option(False, "divide the PCA components by their standard deviation")
+    C: float = option(1.0, "inverse L2 strength of the gate's logistic regression", cli=False)
+    seed: int = option(0, "seed of every random step", flag="--seed", type=non_negative_int)
+    train_on: Literal["means", "tokens"] = option(
+        "means", "DSAS gates learn from text means (the paper) or from every token, as they "
+                 "are applied (docs/dsas-measured.md)", flag="--gate-train-on",
+        choices=("means", "tokens"))
+    negatives: Literal["control", "control+target"] = option(
+        "control", "what a DSAS gate learns to keep shut: the control texts, or control and "
+                   "target texts (the contrastive gate)", flag="--gate-negatives",
+        choices=("control", "control+target"))
+    calibrate: float | None = option(
+        None, "rescale each DSAS gate so that a share Q of the negative tokens gets a gate "
+              "below --gate-calibrate-eps and the median source token 1 − ε (default: off, the "
+              "paper's gate; 0.9 helped token-trained gates)", flag="--gate-calibrate",
+        type=open_unit_interval, metavar="Q")
+    calibrate_eps: float = option(0.1, "ε of --gate-calibrate", flag="--gate-calibrate-eps",
+                                  type=open_unit_interval)
+    apply_on: Literal["tokens", "prefix-mean"] = option(
+        "tokens", "DSAS gates read each token's activation, or the mean of the sequence so far",
+        cli=False, choices=APPLY_ON)
 
     def __post_init__(self) -> None:
         if self.train_on not in ("means", "tokens"):
@@ -90,8 +116,6 @@ class DSASOptions:
         """Whether the fit needs every token's activation (token training)."""
         return self.train_on == "tokens"
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_two_class(ns: int, nc: int, cv_folds: int) -> None:
@@ -291,10 +315,43 @@ class DSASFitter(GateFitter):
     """Offline DSAS: gates fitted per site; layer scale by threshold τ (or adaptive)."""
 
     kind = "dsas"
+    Options = DSASOptions
+    options_field = "dsas"
     adaptive = False
 
     def options(self, opts) -> DSASOptions:
         return DSASOptions(**{**asdict(opts.dsas), "adaptive": True}) if self.adaptive else opts.dsas
+
+    def cv_folds(self, opts) -> int:
+        return opts.dsas.cv_folds
+
+    def poolings(self, opts) -> set[str]:
+        return {"tokens"} if opts.dsas.needs_tokens else set()
+
+    def calibrate(self, ctx, fitted: GateFit) -> None:
+        """``dsas.calibrate``: a second pass over the source and negative texts keeps each
+        gate's logit per token (not the activations: memory O(tokens · sites)), then rescales
+        the gate (``calibrate_gate``); the shares reached go to the diagnostics."""
+        dsas = ctx.options.dsas
+        if dsas.calibrate is None:
+            return
+        gates = {s.name: fitted.gates[s.name] for s in ctx.sites
+                 if isinstance(fitted.gates.get(s.name), DSASGate)
+                 and not fitted.gates[s.name].constant}
+        negatives = ctx.negative_texts()
+        if not gates or not negatives:
+            return
+        project = {name: g.weight.detach().reshape(-1, 1) for name, g in gates.items()}
+        chosen = [s for s in ctx.sites if s.name in gates]
+        z_s = ctx.collect(chosen, ctx.source, "calibration: source", pooling=("tokens",),
+                          project=project)
+        z_n = ctx.collect(chosen, negatives, "calibration: negatives", pooling=("tokens",),
+                          project=project)
+        for name, gate in gates.items():
+            bias = gate.bias.detach()
+            fitted.diagnostics.setdefault(name, {}).update(calibrate_gate(
+                gate, z_s[name]["tokens"].flatten() + bias, z_n[name]["tokens"].flatten() + bias,
+                dsas.calibrate, dsas.calibrate_eps))
 
     def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
         dsas = self.options(opts)

@@ -2,7 +2,8 @@
 
 ``g_l(z) = sigmoid(a_l·z + c_l)`` (sigmoid variant, default) or ``relu(a_l·z + c_l)`` (ReLU
 variant), with ``a_l`` (d,) and ``c_l`` (scalar) trainable ``nn.Parameter``s, saved and loaded
-with the recipe. They are trained by the LinEAS loop (``steerwise.maps.lineas.train_end_to_end``)
+with the recipe. Their kind's fitter (``E2EFitter``) starts them from the offline DSAS fit and
+trains them with the maps through the model in the loop LinEAS uses (``steerwise.training``),
 with the loss ``W2(steered S, T) + γ·mean_l ‖T̃_l(z_c) − z_c‖`` so they learn to open on source
 text and stay shut on control text.
 
@@ -15,15 +16,40 @@ everywhere).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..kernel import LinearGate
+from ..options import Options, non_negative_float, option
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 ACTIVATIONS = ("sigmoid", "relu")
+INITS = ("dsas", "zero")
+
+
+@dataclass
+class E2EOptions(Options):
+    """Options of E2E-DSAS gates (the training loop's own are ``FitOptions.lineas``)."""
+
+    activation: Literal["sigmoid", "relu"] = option(
+        "sigmoid", "E2E-DSAS gate non-linearity", flag="--e2e-gate", choices=ACTIVATIONS)
+    init: Literal["dsas", "zero"] = option(
+        "dsas", "E2E-DSAS gate initialisation: the offline DSAS fit, or zeros",
+        flag="--e2e-init", choices=INITS)
+    gamma: float = option(1.0, "E2E-DSAS control-term weight γ", type=non_negative_float)
+
+    def check(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"E2E gate activation (--e2e-gate) must be 'sigmoid' or 'relu' "
+                             f"(got {self.activation!r})")
+        if self.init not in INITS:
+            raise ValueError(f"E2E gate init (--e2e-init) must be 'dsas' or 'zero' "
+                             f"(got {self.init!r})")
+        if self.gamma < 0:
+            raise ValueError(f"E2E gamma must be non-negative (got {self.gamma})")
 
 
 @register_gate
@@ -72,25 +98,45 @@ class E2EGate(Gate):
 
 @register_gate_fitter
 class E2EFitter(GateFitter):
-    """E2E-DSAS: gates started from the offline DSAS fit (or zero), then trained end to end
-    with the maps (``steerwise.maps.lineas.train_end_to_end``)."""
+    """E2E-DSAS: gates started from the offline DSAS fit (``FitOptions.dsas``) or zero, then
+    trained end to end with the maps (``train``: the loop of ``steerwise.training``)."""
 
     kind = "e2e"
+    Options = E2EOptions
+    options_field = "e2e"
     trains_end_to_end = True
+
+    def cv_folds(self, opts) -> int:
+        return opts.dsas.cv_folds
+
+    def poolings(self, opts) -> set[str]:
+        return {"tokens"} if opts.dsas.needs_tokens else set()
 
     def fit(self, sites, acts_s, acts_c, opts) -> GateFit:
         from .dsas import fit_dsas_gates
 
+        e2e = self.options(opts)
+        e2e.check()
         dsas, diags = fit_dsas_gates(sites, acts_s, acts_c, opts.dsas)
-        from_dsas = opts.lineas.e2e_init == "dsas"
+        from_dsas = e2e.init == "dsas"
         gates: dict[str, Gate] = {
-            n: E2EGate.init(int(g.weight.numel()), opts.lineas.e2e_gate,
+            n: E2EGate.init(int(g.weight.numel()), e2e.activation,
                             g.weight if from_dsas else None, g.bias if from_dsas else None)
             for n, g in dsas.items()
         }
         return GateFit(gates, {n: 1.0 for n in gates}, diags)
 
-    def finish(self, entries, fitted, acts_s, acts_c, extra):
+    def train(self, ctx, entries) -> dict[str, Any]:
+        """The gates (and LinEAS maps) trained through the model, with the control term."""
+        from ..training import train_end_to_end
+
+        opts = ctx.options
+        return train_end_to_end(ctx.model, ctx.tokenizer, entries, ctx.source,
+                                ctx.target_means(), ctx.control, opts.lineas,
+                                gamma=self.options(opts).gamma, max_length=opts.max_length,
+                                progress=ctx.progress)
+
+    def finish(self, entries, fitted, acts_s, acts_c, ctx):
         with torch.no_grad():
             for e in entries:
                 if isinstance(e.gate, E2EGate) and acts_c is not None:

@@ -18,6 +18,7 @@ the source range should not extrapolate), off by default for Mean-AcT (a plain s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..kernel import AffineMap
+from ..options import Options, option
 from .base import SteeringMap, as_float_rows, register_map
 
 
@@ -56,6 +58,18 @@ def source_support(
     lo = torch.quantile(s, lo_q, dim=0)
     hi = torch.quantile(s, hi_q, dim=0)
     return lo.float(), hi.float()
+
+
+@dataclass
+class ActOptions(Options):
+    """Fit options of the AcT maps (Mean-AcT and Linear-AcT)."""
+
+    support: bool | None = option(
+        None, "AcT: apply only inside the source support (default: on for linear-act, off for "
+              "mean-act)")
+    support_quantiles: tuple[float, float] = option(
+        (0.0, 1.0), "AcT: the support's [lo, hi] quantiles of the source samples", cli=False)
+    seed: int = option(0, "seed of the subsampling to equal set sizes", flag="--seed")
 
 
 class _SupportMixin(SteeringMap):
@@ -97,15 +111,16 @@ class MeanActMap(_SupportMixin):
     def empty(cls, dim: int, config: dict[str, Any]) -> MeanActMap:
         return cls(torch.zeros(dim), support=bool(config.get("support", False)))
 
+    Options = ActOptions
+
     @classmethod
-    def fit(
-        cls, source: Tensor, target: Tensor, *, support: bool | None = None,
-        support_quantiles: tuple[float, float] = (0.0, 1.0), seed: int = 0, **_: Any,
-    ) -> MeanActMap:
-        s_sorted, t_sorted = sorted_pairs(source, target, seed)
+    def fit(cls, source: Tensor, target: Tensor, options: Any = None, **kwargs: Any
+            ) -> MeanActMap:
+        opts = cls.options(options, **kwargs)
+        s_sorted, t_sorted = sorted_pairs(source, target, opts.seed)
         shift = torch.from_numpy((t_sorted - s_sorted).mean(0)).float()
-        use_support = False if support is None else bool(support)
-        lo, hi = source_support(source, support_quantiles)
+        use_support = False if opts.support is None else bool(opts.support)
+        lo, hi = source_support(source, opts.support_quantiles)
         return cls(shift, lo, hi, support=use_support)
 
 
@@ -141,16 +156,17 @@ class LinearActMap(_SupportMixin):
         """The identity map (ω = 1, β = 0) until a state dict is loaded."""
         return cls(torch.ones(dim), torch.zeros(dim), support=bool(config.get("support", True)))
 
+    Options = ActOptions
+
     @classmethod
-    def fit(
-        cls, source: Tensor, target: Tensor, *, support: bool | None = None,
-        support_quantiles: tuple[float, float] = (0.0, 1.0), seed: int = 0, **_: Any,
-    ) -> LinearActMap:
+    def fit(cls, source: Tensor, target: Tensor, options: Any = None, **kwargs: Any
+            ) -> LinearActMap:
         """Per-dimension least squares ``sorted_target ≈ ω·sorted_source + β``.
 
         A dimension where the source samples are constant gets ω = 1 and β = the mean shift.
         """
-        s, t = sorted_pairs(source, target, seed)
+        opts = cls.options(options, **kwargs)
+        s, t = sorted_pairs(source, target, opts.seed)
         if len(s) < 2:
             raise ValueError("Linear-AcT needs at least 2 source and 2 target examples")
         s_mean, t_mean = s.mean(0), t.mean(0)
@@ -160,6 +176,6 @@ class LinearActMap(_SupportMixin):
         flat = var <= 1e-12 * np.maximum(1.0, (s ** 2).sum(0))
         omega = np.where(flat, 1.0, cov / np.where(flat, 1.0, var))
         beta = t_mean - omega * s_mean
-        use_support = True if support is None else bool(support)
-        lo, hi = source_support(source, support_quantiles)
+        use_support = True if opts.support is None else bool(opts.support)
+        lo, hi = source_support(source, opts.support_quantiles)
         return cls(torch.from_numpy(omega), torch.from_numpy(beta), lo, hi, support=use_support)

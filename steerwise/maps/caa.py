@@ -23,8 +23,10 @@ class CAAMap(SteeringMap):
         return AffineMap(b=self.vector)
 
     @classmethod
-    def fit(cls, source: Tensor, target: Tensor, **_: Any) -> CAAMap:
-        """``v = mean(target) − mean(source)`` over pooled activations (rows = sentences)."""
+    def fit(cls, source: Tensor, target: Tensor, options: Any = None, **kwargs: Any) -> CAAMap:
+        """``v = mean(target) − mean(source)`` over pooled activations (rows = sentences).
+        CAA has no options: any given is refused."""
+        cls.options(options, **kwargs)
         s = as_float_rows(source, "source activations")
         t = as_float_rows(target, "target activations")
         if s.shape[1] != t.shape[1]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from ..kernel import AffineMap
+from ..options import Options, int_at_least, option, positive_int
 from .base import SteeringMap, as_float_rows, register_map
 
 DEFAULT_TOP_K_HEADS = 48  # the ITI paper's K for LLaMA-7B; clipped to the number of heads
@@ -96,6 +98,22 @@ def _probe_direction(
     return theta, sigma, acc
 
 
+@dataclass
+class ITIOptions(Options):
+    """Fit options of ITI (per layer, or per head on ``heads`` sites)."""
+
+    top_k_heads: int | None = option(
+        DEFAULT_TOP_K_HEADS, "ITI on --site heads: steer the K heads of best probe accuracy "
+                             "over all steered layers (None: every head)", type=positive_int)
+    n_heads: int | None = option(
+        None, "heads per site (default: the model's, on --site heads; else one probe per "
+              "layer)", cli=False)
+    cv_folds: int = option(5, "folds of each probe's held-out accuracy", flag="--cv-folds",
+                           type=int_at_least(2))
+    seed: int = option(0, "seed of the folds", flag="--seed")
+    C: float = option(1.0, "inverse L2 strength of the logistic probes", cli=False)
+
+
 @register_map
 class ITIMap(SteeringMap):
     """``delta = σ·θ`` per group (one group per layer, or one per head), zero on masked heads.
@@ -106,6 +124,7 @@ class ITIMap(SteeringMap):
     """
 
     method = "iti"
+    Options = ITIOptions
 
     def __init__(
         self, unit: Tensor, sigma: Tensor, mask: Tensor | None = None,
@@ -149,18 +168,17 @@ class ITIMap(SteeringMap):
         return cls(torch.zeros(dim), torch.zeros(groups), torch.zeros(groups))
 
     @classmethod
-    def fit(
-        cls,
-        source: Tensor,
-        target: Tensor,
-        *,
-        n_heads: int | None = None,
-        cv_folds: int = 5,
-        seed: int = 0,
-        C: float = 1.0,
-        **_: Any,
-    ) -> ITIMap:
+    def adapt_options(cls, options: ITIOptions, model: nn.Module, site: str) -> ITIOptions:
+        """On ``heads`` sites, one probe per head: ``n_heads`` from the model unless given."""
+        if site == "heads" and options.n_heads is None:
+            return replace(options, n_heads=num_attention_heads(model))
+        return options
+
+    @classmethod
+    def fit(cls, source: Tensor, target: Tensor, options: Any = None, **kwargs: Any) -> ITIMap:
         """Probe(s) source vs target on pooled activations; ``n_heads`` > 1 → one per head."""
+        opts = cls.options(options, **kwargs)
+        n_heads, cv_folds, seed, C = opts.n_heads, opts.cv_folds, opts.seed, opts.C
         s = as_float_rows(source, "source activations").double().numpy()
         t = as_float_rows(target, "target activations").double().numpy()
         if s.shape[1] != t.shape[1]:
@@ -206,10 +224,11 @@ class ITIMap(SteeringMap):
         return k
 
     @classmethod
-    def finalize(cls, maps: Sequence[SteeringMap], **options: Any) -> dict[str, Any]:
+    def finalize(cls, maps: Sequence[SteeringMap], options: Any = None) -> dict[str, Any]:
         """Called by ``fit`` once every site is fitted: the global top-K head selection."""
+        opts = cls.options(options)
         iti = [m for m in maps if isinstance(m, ITIMap)]
-        k = cls.select_top_k(iti, options.get("top_k_heads", DEFAULT_TOP_K_HEADS))
+        k = cls.select_top_k(iti, opts.top_k_heads)
         if not k:
             return {}
         return {"top_k_heads": k, "heads_total": sum(m.n_groups for m in iti if m.per_head)}
