@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..recipe import (
+from ..identity import ModelIdentity, check_identity
+from ..recipe_io import (
     CONFIG_NAME,
     TENSORS_NAME,
-    ModelIdentity,
     RecipeFields,
     build_on_meta,
-    check_identity,
     check_option_kinds,
     read_recipe_config,
     read_recipe_tensors,

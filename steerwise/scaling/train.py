@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..recipe import ModelIdentity
+from ..identity import ModelIdentity
 from ..sites import Site, SiteError, hidden_size, resolve_sites, site_width
 from ..tasks.base import TaskExample
 from .data import EncodedTask, answer_logits, clean_answer_logits, encode_examples
