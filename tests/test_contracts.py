@@ -123,6 +123,9 @@ def test_fit_options_updated_checks_sections_and_reads_the_old_e2e_keys():
         FitOptions().updated({"dsas": {"threshld": 0.5}})
     with pytest.raises(TypeError, match=r"unknown fit option 'gates' \(did you mean gate\?\)"):
         _options(None, {"gates": "none"})
+    with pytest.raises(ValueError, match="gate 'dsas' takes its options from FitOptions.dsas"):
+        fit(make_model("gpt2"), make_tokenizer(), FRUIT, OTHER, gate_options={"whiten": True},
+            progress=False)
 
 
 # ---- the command line comes from the dataclasses -----------------------------------------------
