@@ -200,6 +200,7 @@ def fit(
     map_cls = MAP_REGISTRY[opts.method]
     gating = GATE_FITTERS[opts.gate]
     map_opts = map_cls.options(opts.map_options)
+    gating.options(opts)  # checked before any activation is collected
     source, control, target = _check_sets(opts, gating, source, control, target)
     if opts.chat is not None:
         source, control, target = _render_chat(tokenizer, opts.chat, source, control, target)

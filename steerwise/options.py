@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .models import did_you_mean
 
@@ -78,11 +78,11 @@ def int_at_least(low: int) -> Callable[[str], int]:
 # ---- declaring options -------------------------------------------------------------------------
 def option(
     default: Any = dataclasses.MISSING,
-    help: str = "",  # noqa: A002 (the name argparse and PEFT use)
+    help: str = "",
     *,
     default_factory: Any = dataclasses.MISSING,
     flag: str | None = None,
-    type: Callable[[str], Any] | None = None,  # noqa: A002
+    type: Callable[[str], Any] | None = None,
     choices: Iterable[Any] | None = None,
     metavar: str | None = None,
     cli: bool = True,
@@ -123,8 +123,8 @@ class Options:
         return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     @classmethod
-    def from_dict(cls: type[T], values: Mapping[str, Any] | T | None = None, what: str = "",
-                  **more: Any) -> T:
+    def from_dict(cls, values: Mapping[str, Any] | Self | None = None, what: str = "",
+                  **more: Any) -> Self:
         """Options from a dict (and keyword arguments); an unknown key raises ``ValueError``
         naming the closest known one. Already-built options are returned as they are, updated
         by ``more`` (a copy: the caller's object is never changed)."""
@@ -169,7 +169,7 @@ def _arg_type(f: dataclasses.Field, default: Any) -> Callable[[str], Any] | None
 
 
 def add_field_flag(group: argparse._ActionsContainer, f: dataclasses.Field, default: Any,
-                   help: str | None = None) -> None:  # noqa: A002
+                   help: str | None = None) -> None:
     """One flag for the option field ``f`` (its declared help unless ``help`` is given)."""
     kw: dict[str, Any] = {"dest": dest_of(f), "default": default,
                           "help": f.metadata.get("help", "") if help is None else help}

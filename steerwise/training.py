@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .activations import ensure_pad_token, forward_kwargs, max_model_length, pad_batch, pool, tokenize
+from .activations import (
+    ensure_pad_token,
+    forward_kwargs,
+    max_model_length,
+    pad_batch,
+    pool,
+    tokenize,
+)
 from .gates.base import NoGate
 from .maps.lineas import LinEASMap, LinEASOptions, prox_step, w2_per_dim
 from .steering import SiteSteering

@@ -6,21 +6,19 @@ checks they have not drifted apart)."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer
-
-# ---- docs/extending.md: adding a map -------------------------------------------------------------
-from dataclasses import dataclass
 
 from steerwise.kernel import AffineMap
 from steerwise.maps import SteeringMap, register_map
 from steerwise.options import Options, option
 
 
+# ---- docs/extending.md: adding a map -------------------------------------------------------------
 @dataclass
 class MedianShiftOptions(Options):
     scale: float = option(1.0, "multiplies the shift")
@@ -100,11 +98,11 @@ class CentroidFitter(GateFitter):
         return GateFit(gates, scales, diags)
 # ---- end of the gate -----------------------------------------------------------------------------
 
-from steerwise.fit import fit  # noqa: E402
-from steerwise.gates import GATE_FITTERS, GATE_REGISTRY, StepContext  # noqa: E402
-from steerwise.kernel import build_stack, steer  # noqa: E402
-from steerwise.maps import MAP_REGISTRY  # noqa: E402
-from steerwise.recipe import Recipe  # noqa: E402
+from steerwise.fit import fit
+from steerwise.gates import GATE_FITTERS, GATE_REGISTRY, StepContext
+from steerwise.kernel import build_stack, steer
+from steerwise.maps import MAP_REGISTRY
+from steerwise.recipe import Recipe
 
 SOURCE = ["apple pear banana fruit", "sweet ripe apple", "banana fruit sweet", "ripe pear apple",
           "fruit apple banana ripe", "pear sweet fruit", "apple banana pear", "sweet fruit ripe"]
@@ -197,6 +195,7 @@ def test_the_hf_hooks_and_the_kernel_steer_the_same(fitted):
     kernel, gate = steer(x, stack, 3.0)
     by_hand = x + 3.0 * e.scale * e.gate(x, StepContext()).unsqueeze(-1) * e.map.delta(x)
     torch.testing.assert_close(kernel, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gate, e.scale * e.gate(x, StepContext()), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hooked, kernel, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(hooked, x)
 
@@ -217,7 +216,7 @@ def test_a_toy_recipe_saves_loads_and_steers_identically(fitted, tmp_path):
 def test_the_docs_show_the_code_this_file_runs():
     doc = (Path(__file__).parents[1] / "docs" / "extending.md").read_text(encoding="utf-8")
     here = {line.strip() for line in Path(__file__).read_text(encoding="utf-8").splitlines()}
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
     assert len(blocks) >= 3
     for block in blocks:
         for line in block.strip().splitlines():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_model, make_tokenizer
 from steerwise.recipe import Recipe
 
 DATA = Path(__file__).parent / "data" / "recipes_v0_1"

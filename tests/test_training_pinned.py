@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
+from test_methods import CONTROL, SOURCE, TARGET, make_wide_model, quick
 from threadpoolctl import threadpool_limits
 
-from conftest import make_model, make_tokenizer
 from steerwise.fit import fit
-from test_methods import CONTROL, SOURCE, TARGET, make_wide_model, quick
 
 PINNED = {
     "lineas-none": {'w2_initial': 0.0002133238158421591, 'w2_final': 0.00011471744073787704,
@@ -32,18 +32,18 @@ def _case(name: str):
     """(model, fit option fields) of each pinned case; the E2E options are set by name so the test
     reads the same whichever dataclass holds them."""
     if name == "lineas-none":
-        return make_model("qwen2"), dict(
-            method="lineas", gate="none",
-            lineas=dict(steps=12, lr=3e-2, batch_size=4, seed=5, l1=0.5))
+        return make_model("qwen2"), {
+            "method": "lineas", "gate": "none",
+            "lineas": {"steps": 12, "lr": 3e-2, "batch_size": 4, "seed": 5, "l1": 0.5}}
     if name == "caa-e2e-relu":
-        return make_wide_model(), dict(
-            method="caa", gate="e2e",
-            lineas=dict(steps=10, lr=5e-2, batch_size=4, seed=2),
-            e2e=dict(gamma=1.0, activation="relu", init="dsas"))
-    return make_wide_model(), dict(
-        method="lineas", gate="e2e",
-        lineas=dict(steps=10, lr=5e-2, batch_size=3, seed=1),
-        e2e=dict(gamma=0.5, activation="sigmoid", init="zero"))
+        return make_wide_model(), {
+            "method": "caa", "gate": "e2e",
+            "lineas": {"steps": 10, "lr": 5e-2, "batch_size": 4, "seed": 2},
+            "e2e": {"gamma": 1.0, "activation": "relu", "init": "dsas"}}
+    return make_wide_model(), {
+        "method": "lineas", "gate": "e2e",
+        "lineas": {"steps": 10, "lr": 5e-2, "batch_size": 3, "seed": 1},
+        "e2e": {"gamma": 0.5, "activation": "sigmoid", "init": "zero"}}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))

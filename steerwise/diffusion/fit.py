@@ -99,6 +99,7 @@ def _check(opts: DiffusionFitOptions) -> DSASOptions:
             f"method {opts.method!r} is unknown or trained end to end (not supported on diffusion "
             f"pipelines); use one of: {', '.join(offline)}"
         )
+    MAP_REGISTRY[opts.method].options(opts.map_options)  # unknown keys: named before collecting
     if opts.gate not in DIFFUSION_GATES:
         raise ValueError(f"unknown gate {opts.gate!r}; known: {', '.join(DIFFUSION_GATES)}")
     if opts.map_from not in ("source+control", "source"):

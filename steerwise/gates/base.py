@@ -155,8 +155,13 @@ class GateFitter:
     trains_end_to_end: ClassVar[bool] = False  # learned through the model after ``fit``
 
     def options(self, opts: FitOptions) -> Any:
-        """This kind's options out of the fit's options."""
+        """This kind's options out of the fit's options (``gate_options`` given to a kind that
+        has its own section is refused, not ignored)."""
         if self.options_field is not None:
+            if opts.gate_options:
+                raise ValueError(f"gate {self.kind!r} takes its options from FitOptions."
+                                 f"{self.options_field}, not from gate_options "
+                                 f"({', '.join(map(str, opts.gate_options))})")
             return getattr(opts, self.options_field)
         return self.Options.from_dict(opts.gate_options, f"option of gate {self.kind!r}:")
 

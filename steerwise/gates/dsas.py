@@ -320,7 +320,8 @@ class DSASFitter(GateFitter):
     adaptive = False
 
     def options(self, opts) -> DSASOptions:
-        return DSASOptions(**{**asdict(opts.dsas), "adaptive": True}) if self.adaptive else opts.dsas
+        dsas = super().options(opts)
+        return DSASOptions(**{**asdict(dsas), "adaptive": True}) if self.adaptive else dsas
 
     def cv_folds(self, opts) -> int:
         return opts.dsas.cv_folds

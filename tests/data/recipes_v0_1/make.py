@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/, for conftest's tiny models
 
-from conftest import make_model, make_tokenizer  # noqa: E402
+from conftest import make_model, make_tokenizer
 
 PROMPT = "the sweet apple and the fast car runs in the rain"
-FRUIT = "apple pear banana fruit sweet ripe".split()
-OTHER = "car bus train road fast wheel dog cat bird rain snow".split()
+FRUIT = ["apple", "pear", "banana", "fruit", "sweet", "ripe"]
+OTHER = ["car", "bus", "train", "road", "fast", "wheel", "dog", "cat", "bird", "rain", "snow"]
 STRENGTHS = (1.0, 2.0)
 RECIPES = ("caa-dsas", "linear-act")
 
