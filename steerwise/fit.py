@@ -47,7 +47,8 @@ class FitOptions:
     ``lineas``: end-to-end training (LinEAS maps, E2E gates); ``cast``: the CAST gate;
     ``probe_accuracy``: report a probe's held-out S-vs-T accuracy per site; ``chat``: render
     every text with the tokenizer's chat template as a ``user`` or ``assistant`` message
-    (``steerwise.chat``)."""
+    (``steerwise.chat``); ``sink_free``: keep each text's first real token, the attention
+    sink, out of every statistic the fit computes (``steerwise.activations``; default)."""
 
     method: str = "caa"
     gate: str = "dsas"
@@ -63,6 +64,9 @@ class FitOptions:
     cast: CASTOptions = field(default_factory=CASTOptions)
     probe_accuracy: bool = True
     chat: str | None = None
+    # leave each text's first real token (the attention sink) out of every fitted statistic;
+    # False reproduces the statistics of recipes fitted before (for comparisons)
+    sink_free: bool = True
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -121,6 +125,7 @@ def fit(
         "n_control": len(control) if control is not None else 0,
         "target_is_control": target is control,
         "options": opts.to_json(),
+        "statistics": {"first_token": "excluded" if opts.sink_free else "included"},
     }
     maps = _fit_maps(model, opts, map_cls, sites, acts_s, acts_t, fit_info)
     fitted = gating.fit(sites + extra_sites, acts_s, gate_negatives(acts_c, acts_t, opts), opts)
@@ -137,6 +142,7 @@ def fit(
         fit_info["training"] = train_end_to_end(
             model, tokenizer, entries, source, {n: a["mean"] for n, a in acts_t.items()},
             control, opts.lineas, max_length=opts.max_length, progress=progress,
+            sink_free=opts.sink_free,
         )
     entries = gating.finish(entries, fitted, acts_s, acts_c, {
         "model": model, "map_cls": map_cls, "extra_sites": extra_sites, "fit_info": fit_info})
@@ -209,7 +215,7 @@ def _collect(
     poolings = {opts.pooling, "mean"} | ({"tokens"} if opts.dsas.needs_tokens else set())
     with _eval_mode(model):
         kw = dict(sites=sites, batch_size=opts.batch_size, max_length=opts.max_length,
-                  progress=progress, pooling=sorted(poolings))
+                  progress=progress, pooling=sorted(poolings), sink_free=opts.sink_free)
         acts_s = collect_activations(model, tokenizer, source, desc="source", **kw)
         acts_t = collect_activations(model, tokenizer, target, desc="target", **kw)
         if target is control:
@@ -245,7 +251,8 @@ def _calibrate(model: nn.Module, tokenizer, opts: FitOptions, sites: list[Site],
     chosen = [s for s in sites if s.name in gates]
     with _eval_mode(model):
         kw = dict(sites=chosen, batch_size=opts.batch_size, max_length=opts.max_length,
-                  progress=progress, pooling=("tokens",), project=project)
+                  progress=progress, pooling=("tokens",), project=project,
+                  sink_free=opts.sink_free)
         z_s = collect_activations(model, tokenizer, source, desc="calibration: source", **kw)
         z_n = collect_activations(model, tokenizer, negatives, desc="calibration: negatives",
                                   **kw)
