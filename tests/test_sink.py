@@ -225,3 +225,75 @@ def test_sink_free_false_reproduces_the_old_caa_vector(tokenizer, tmp_path):
     again = Recipe.from_pretrained(tmp_path / "old")
     assert again.fit_info["statistics"] == {"first_token": "included"}
     assert again.fit_info["options"]["sink_free"] is False
+
+
+# ---- statistics the gates take at run time follow the fit: no sink in their means ----------
+def test_prefix_mean_gate_of_a_sink_free_fit_leaves_the_first_token_out(tmp_path):
+    from steerwise.gates import StepContext
+    from steerwise.gates.dsas import DSASGate
+
+    gate = DSASGate(torch.tensor([1.0, -2.0]), torch.tensor(0.5), apply_on="prefix-mean",
+                    sink_free=True)
+    t = torch.tensor([[[0.0, 0.0], [9e3, -9e3], [3.0, 1.0], [1.0, 0.0]]])
+    ctx = StepContext(attention_mask=torch.tensor([[0, 1, 1, 1]]))  # left padding
+    z = t @ gate.weight
+    out = gate(t, ctx)[0]
+    torch.testing.assert_close(out[2:], torch.sigmoid(torch.stack([z[0, 2], (z[0, 2] + z[0, 3]) / 2])
+                                                      + 0.5))
+    t2 = t.clone()
+    t2[0, 1] = torch.tensor([-5e3, 7e3])  # another sink: nothing after it moves
+    torch.testing.assert_close(gate(t2, StepContext(attention_mask=ctx.attention_mask))[0, 2:],
+                               out[2:])
+    # a decode step continues the sums without the sink
+    step = StepContext(attention_mask=torch.tensor([[1]]), is_prefill=False, state=ctx.state)
+    nxt = torch.tensor([[[2.0, 2.0]]])
+    mean3 = (z[0, 2] + z[0, 3] + nxt[0, 0] @ gate.weight) / 3
+    torch.testing.assert_close(gate(nxt, step)[0, 0], torch.sigmoid(mean3 + 0.5))
+    # the flag round-trips; a config without it (older recipes) keeps the sink in the mean
+    assert DSASGate.empty(2, gate.config()).sink_free is True
+    old = DSASGate.empty(2, {"apply_on": "prefix-mean"})
+    assert old.sink_free is False
+
+
+def test_fitted_prefix_mean_and_cast_gates_are_sink_free_and_old_configs_are_not(tokenizer):
+    from steerwise.gates.cast import CASTGate
+
+    model = make_model("llama")
+    kw = dict(layers=[1], probe_accuracy=False, progress=False)
+    dsas = fit(model, tokenizer, SOURCE, CONTROL, gate="dsas",
+               dsas=DSASOptions(whiten=True, cv_folds=3, apply_on="prefix-mean"), **kw)
+    assert dsas.entries[0].gate.sink_free is True
+    assert dsas.entries[0].gate.config()["sink_free"] is True
+    cast = fit(model, tokenizer, SOURCE, CONTROL, gate="cast", **kw)
+    cond = cast.entries[0].gate
+    assert cond.role == "condition" and cond.sink_free and cond.config()["sink_free"] is True
+    old = fit(model, tokenizer, SOURCE, CONTROL, gate="cast", sink_free=False, **kw)
+    assert old.entries[0].gate.sink_free is False
+    cfg = {k: v for k, v in cond.config().items() if k != "sink_free"}
+    assert CASTGate.empty(32, cfg).sink_free is False
+
+
+def test_cast_decision_ignores_the_first_tokens_activation():
+    from steerwise.gates import StepContext
+    from steerwise.gates.cast import CASTGate, cast_similarity
+
+    g = torch.Generator().manual_seed(0)
+    vector = torch.randn(8, generator=g)
+    x = torch.randn(4, 6, 8, generator=g)
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1]])
+    gate = CASTGate("condition", vector=vector, threshold=0.0, sink_free=True)
+    first = (mask != 0).int().argmax(1)
+    moved = x.clone()
+    moved[torch.arange(4), first] = vector * 1e4 * torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None]
+    a = gate.decide(x, StepContext(attention_mask=mask))
+    b = gate.decide(moved, StepContext(attention_mask=mask))
+    # rows with tokens after the sink decide alike; a one-token prompt reads its only token
+    assert torch.equal(a[:3], b[:3])
+    sims = []
+    for i in range(3):
+        h = x[i, first[i] + 1:][mask[i, first[i] + 1:].bool()].mean(0)
+        c = vector / vector.norm()
+        p = torch.tanh((h @ c) * c)
+        sims.append(float(h @ p / (h.norm() * p.norm())))
+    assert a[:3].tolist() == [float(s > 0.0) for s in sims]
+    assert b[3] == float(cast_similarity(moved[3, 5], vector) > 0.0)
