@@ -7,6 +7,14 @@ statistic, and memory is O(n_texts · d · sites), independent of sequence lengt
 pass stops after the deepest requested site. Pooling ``"tokens"`` keeps the activation of every
 real token instead (at most ``MAX_TOKENS_PER_TEXT`` per text, evenly spaced), for gates trained
 on tokens as they are applied.
+
+The attention sink stays out of every statistic (``sink_free=True``, the default): the first
+real token of each text — the first *position* whose attention mask is 1, whatever its id, so
+also for tokenizers that add no BOS and for texts truncated on the left — sees only itself, and
+on real models its activation is one huge vector (Gemma 3 270M: 7–13× the median token's
+residual norm) shared by every text, so a mean with it depends on text length. Each text
+therefore needs at least two tokens; ``sink_free=False`` keeps the old statistics (with the
+first token) for comparisons.
 """
 
 from __future__ import annotations
@@ -71,6 +79,36 @@ def tokenize(
     return out
 
 
+def check_statistic_lengths(rows: Sequence[Sequence[int]], desc: str, sink_free: bool) -> None:
+    """Every text must keep a real token once its first one (the attention sink) is left out."""
+    if not sink_free:
+        return
+    for i, row in enumerate(rows):
+        if len(row) < 2:
+            raise ValueError(
+                f"text #{i} of the {desc} set has a single token: its first token (the attention "
+                f"sink) is left out of every fitted statistic, so nothing would remain; give "
+                f"texts of at least two tokens (or fit with sink_free=False)"
+            )
+
+
+def drop_first_token(mask: Tensor) -> Tensor:
+    """``mask`` (batch, tokens) with each row's first real position set to 0: the attention sink
+    (the first position where the mask is 1, with left or right padding). Rows without a real
+    token stay all zero."""
+    real = mask != 0
+    out = real.clone()
+    # argmax finds the first True; a row without real tokens has out[row, 0] False already
+    out[torch.arange(mask.shape[0], device=mask.device), real.int().argmax(1)] = False
+    return out.to(mask.dtype)
+
+
+def statistics_mask(mask: Tensor, sink_free: bool) -> Tensor:
+    """The positions a fitted statistic reads: the real tokens, less the first one when
+    ``sink_free``."""
+    return drop_first_token(mask) if sink_free else mask
+
+
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Left-pad token rows into (input_ids, attention_mask)."""
     width = max(len(r) for r in rows)
@@ -133,11 +171,14 @@ def collect_activations(
     progress: bool = True,
     desc: str = "activations",
     project: dict[str, Tensor] | None = None,
+    sink_free: bool = True,
 ) -> dict[str, dict[str, Tensor]]:
     """Pooled activations: ``result[site.name][pooling]`` is a float32 CPU (n_texts, d) matrix;
     for ``"tokens"`` it is (n_tokens, d), with the text of each row under ``TOKEN_TEXT``.
     ``project[site.name]`` (d, k): keep each token row multiplied by it, (n_tokens, k) — e.g. a
-    gate's logit per token without holding every activation."""
+    gate's logit per token without holding every activation. ``sink_free``: leave each text's
+    first real token (the attention sink) out of every pooling (the default; each text then
+    needs two tokens)."""
     if len(texts) == 0:
         raise ValueError(f"{desc}: no texts given")
     for how in pooling:
@@ -146,6 +187,7 @@ def collect_activations(
     ensure_pad_token(tokenizer)
     limit = max_length or max_model_length(model, tokenizer)
     rows = tokenize(tokenizer, texts, limit)
+    check_statistic_lengths(rows, desc, sink_free)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = next(model.parameters()).device
     out: dict[str, dict[str, Tensor]] = {s.name: {} for s in sites}
@@ -191,7 +233,7 @@ def collect_activations(
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, device)
-            state["mask"], state["idx"] = mask, torch.tensor(batch)
+            state["mask"], state["idx"] = statistics_mask(mask, sink_free), torch.tensor(batch)
             captured.clear()
             try:
                 model(**forward_kwargs(model, ids, mask), use_cache=False)

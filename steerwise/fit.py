@@ -65,7 +65,9 @@ class FitOptions(Options):
     probe's held-out S-vs-T accuracy per site; ``chat``: render every text with the tokenizer's
     chat template as a ``user`` or ``assistant`` message (``steerwise.chat``); ``first_token``: the
     recipe's position policy, whether the first real token of each sequence is steered
-    (``"steer"``) or left alone (``"skip"``) (``steerwise.positions``)."""
+    (``"steer"``) or left alone (``"skip"``) (``steerwise.positions``); ``sink_free``: keep each
+    text's first real token, the attention sink, out of every statistic the fit computes
+    (``steerwise.activations``; default)."""
 
     method: str = option("caa", "how to steer: the map fitted per site (docs/methods.md)",
                          cli=False)
@@ -98,6 +100,9 @@ class FitOptions(Options):
         DEFAULT_FIRST_TOKEN, "the recipe's position policy: steer the first real token of each "
         "sequence (the attention sink on many models) or leave it unsteered",
         choices=FIRST_TOKEN_CHOICES)
+    sink_free: bool = option(
+        True, "leave each text's first real token (the attention sink) out of every fitted "
+        "statistic; --no-sink-free reproduces the statistics of recipes fitted before")
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -148,13 +153,15 @@ class FitContext:
 
     def collect(self, sites: Sequence[Site], texts: Sequence[str], desc: str,
                 **kwargs: Any) -> Pooled:
-        """``collect_activations`` over ``texts`` at ``sites`` with the fit's batch size and
-        length, the model in eval mode (keyword arguments: ``pooling``, ``project``, ...)."""
+        """``collect_activations`` over ``texts`` at ``sites`` with the fit's batch size, length
+        and statistics (``sink_free``), the model in eval mode (keyword arguments: ``pooling``,
+        ``project``, ...)."""
         opts = self.options
         with _eval_mode(self.model):
             return collect_activations(self.model, self.tokenizer, list(texts), sites=list(sites),
                                        batch_size=opts.batch_size, max_length=opts.max_length,
-                                       progress=self.progress, desc=desc, **kwargs)
+                                       progress=self.progress, desc=desc,
+                                       sink_free=opts.sink_free, **kwargs)
 
     def negative_texts(self) -> list[str] | None:
         """What the gates learned to keep shut, as texts (``dsas.negatives``)."""
@@ -218,6 +225,7 @@ def fit(
         "n_control": len(control) if control is not None else 0,
         "target_is_control": target is control,
         "options": opts.to_json(),
+        "statistics": {"first_token": "excluded" if opts.sink_free else "included"},
     }
     ctx = FitContext(model, tokenizer, opts, sites, extra_sites, map_cls, source, control, target,
                      acts_t, fit_info, progress)
@@ -307,7 +315,7 @@ def _collect(
     poolings = {opts.pooling, "mean"} | gating.poolings(opts)
     with _eval_mode(model):
         kw = dict(sites=sites, batch_size=opts.batch_size, max_length=opts.max_length,
-                  progress=progress, pooling=sorted(poolings))
+                  progress=progress, pooling=sorted(poolings), sink_free=opts.sink_free)
         acts_s = collect_activations(model, tokenizer, source, desc="source", **kw)
         acts_t = collect_activations(model, tokenizer, target, desc="target", **kw)
         if target is control:

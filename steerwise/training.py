@@ -20,11 +20,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .activations import (
+    check_statistic_lengths,
     ensure_pad_token,
     forward_kwargs,
     max_model_length,
     pad_batch,
     pool,
+    statistics_mask,
     tokenize,
 )
 from .gates.base import NoGate
@@ -43,8 +45,10 @@ class _Capture:
     hooks are prepended so they see it untouched.
     """
 
-    def __init__(self, model: nn.Module, entries: Sequence[Any], before: bool) -> None:
+    def __init__(self, model: nn.Module, entries: Sequence[Any], before: bool,
+                 sink_free: bool = True) -> None:
         self.mask: Tensor | None = None
+        self.sink_free = sink_free
         self.after: dict[str, Tensor] = {}
         self.before: dict[str, Tensor] = {}
         self.names = [e.site.name for e in entries]
@@ -77,7 +81,7 @@ class _Capture:
         return module.register_forward_hook(hook, prepend=prepend)
 
     def run(self, model: nn.Module, ids: Tensor, mask: Tensor) -> None:
-        self.mask = mask
+        self.mask = statistics_mask(mask, self.sink_free)  # pooled without the attention sink
         self.after.clear()
         self.before.clear()
         try:
@@ -106,6 +110,7 @@ def train_end_to_end(
     gamma: float = 0.0,
     max_length: int | None = None,
     progress: bool = True,
+    sink_free: bool = True,
 ) -> dict[str, Any]:
     """Train every parameter of the entries' maps and gates; the model stays frozen.
 
@@ -113,7 +118,8 @@ def train_end_to_end(
     whose gate has parameters (E2E) are trained with their gate, the others without a gate
     (a LinEAS map is learned ungated; offline gates are applied afterwards). ``gamma``: the
     weight of the control term (learned gates only). Returns a summary (losses on the full sets
-    before/after, per-step history, sparsity, seconds).
+    before/after, per-step history, sparsity, seconds). ``sink_free``: the pooled means of the
+    loss leave each text's first real token (the attention sink) out, as the fit's statistics do.
     """
     from .hooks import SteeringHandle  # here: at module level, import order would matter
 
@@ -138,6 +144,8 @@ def train_end_to_end(
     limit = max_length or max_model_length(model, tokenizer)
     rows_s = tokenize(tokenizer, list(source), limit)
     rows_c = tokenize(tokenizer, list(control), limit) if use_control else []
+    check_statistic_lengths(rows_s, "source", sink_free)
+    check_statistic_lengths(rows_c, "control", sink_free)
     device = next(model.parameters()).device
     targets = {n: t.to(device).float() for n, t in target_acts.items()}
     n_t = min(len(t) for t in targets.values())
@@ -176,7 +184,7 @@ def train_end_to_end(
     history: list[float] = []
     try:
         with SteeringHandle(model, train_entries, 1.0):
-            capture = _Capture(model, train_entries, before=use_control)
+            capture = _Capture(model, train_entries, before=use_control, sink_free=sink_free)
             try:
                 loss_initial = full_w2(capture)
                 optimizer = torch.optim.Adam(params, lr=opts.lr, betas=tuple(opts.betas))

@@ -78,16 +78,23 @@ def test_padding_never_enters_pooled_statistics(tokenizer):
 
 
 def test_mean_pooling_matches_a_manual_masked_mean(tokenizer):
+    """The mean over each text's real tokens less its first one (the attention sink); with
+    ``sink_free=False`` over every real token (the statistics of older recipes)."""
     model = make_model("qwen2")
     sites = resolve_sites(model, "residual", [0])
-    texts = ["apple pear banana", "car"]
+    texts = ["apple pear banana", "car bus"]
     acts = collect_activations(model, tokenizer, texts, sites, progress=False)
+    with_sink = collect_activations(model, tokenizer, texts, sites, progress=False,
+                                    sink_free=False)
     ids, mask = pad_batch(tokenizer(texts)["input_ids"], 0, torch.device("cpu"))
     with torch.no_grad():
         hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
     for i in range(2):
         real = hs[i][mask[i].bool()]
-        torch.testing.assert_close(acts["residual.0"]["mean"][i], real.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(acts["residual.0"]["mean"][i], real[1:].mean(0), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(with_sink["residual.0"]["mean"][i], real.mean(0), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_no_gate_fit_steers_uniformly(tokenizer):

@@ -24,15 +24,15 @@ from steerwise.gates.dsas import DSASGate, calibrate_gate
 from steerwise.recipe import Recipe
 from steerwise.sites import resolve_sites
 
-TEXTS = ["apple pear banana fruit", "car", "the big red car was fast on the road"]
+TEXTS = ["apple pear banana fruit", "car bus", "the big red car was fast on the road"]
 
 
-def test_token_pooling_keeps_every_real_token(tokenizer):
+def test_token_pooling_keeps_every_real_token_but_the_sink(tokenizer):
     model = make_model("gpt2")
     sites = resolve_sites(model, "residual", [1])
     acts = collect_activations(model, tokenizer, TEXTS, sites, pooling=("tokens", "mean"),
                                progress=False)["residual.1"]
-    lengths = [len(tokenizer(t)["input_ids"]) for t in TEXTS]
+    lengths = [len(tokenizer(t)["input_ids"]) - 1 for t in TEXTS]  # less the first token
     owner = acts[TOKEN_TEXT].flatten().long()
     assert acts["tokens"].shape == (sum(lengths), 32)
     assert [int((owner == i).sum()) for i in range(3)] == lengths
@@ -40,7 +40,7 @@ def test_token_pooling_keeps_every_real_token(tokenizer):
         ids, mask = pad_batch([tokenizer(text)["input_ids"]], 0, torch.device("cpu"))
         with torch.no_grad():
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
-        torch.testing.assert_close(acts["tokens"][owner == i], hs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(acts["tokens"][owner == i], hs[1:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(acts["tokens"][owner == i].mean(0), acts["mean"][i],
                                    rtol=1e-5, atol=1e-5)
 
@@ -54,8 +54,8 @@ def test_token_pooling_caps_tokens_per_text_evenly(tokenizer, monkeypatch):
     assert capped["tokens"].shape[0] == 3
     ids, _ = pad_batch([tokenizer(TEXTS[2])["input_ids"]], 0, torch.device("cpu"))
     with torch.no_grad():
-        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
-    # evenly spaced: the first, a middle and the last token
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states[1][0][1:]
+    # evenly spaced over the tokens after the sink: the second, a middle and the last token
     n = hs.shape[0]
     torch.testing.assert_close(capped["tokens"], hs[torch.linspace(0, n - 1, 3).round().long()],
                                rtol=1e-5, atol=1e-5)

@@ -36,6 +36,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
+from ..activations import drop_first_token
 from ..maps.base import as_float_rows
 from ..options import Options, int_at_least, non_negative_int, option
 from ..sites import site_width
@@ -195,6 +196,7 @@ class CASTGate(Gate):
         comparator: str = "greater",
         group: str = "cast",
         condition_site: str = "",
+        sink_free: bool = False,
     ) -> None:
         super().__init__()
         if role not in ROLES:
@@ -208,6 +210,10 @@ class CASTGate(Gate):
         self.comparator = comparator
         self.group = group
         self.condition_site = condition_site
+        # the prompt mean leaves each row's first real token (the attention sink) out, as the
+        # text means the condition was fitted on do (fits with sink-free statistics; absent in
+        # older recipes, which keep their meaning)
+        self.sink_free = bool(sink_free)
         if vector is not None:
             self.register_buffer("vector", vector.detach().float().reshape(-1).clone())
         self._leader: list[CASTGate] = []  # a list, so the leader is not a registered submodule
@@ -227,14 +233,17 @@ class CASTGate(Gate):
         self._leader = [leaders[0]]
 
     def decide(self, t: Tensor, ctx: StepContext) -> Tensor:
-        """Per-row decision (batch,) from the mean prompt activation (padding masked out)."""
+        """Per-row decision (batch,) from the mean prompt activation (padding masked out; the
+        first real token too when ``sink_free``, unless it is the prompt's only token)."""
         x = t.flatten(1, -2) if t.ndim > 2 else t.unsqueeze(1)
         mask = ctx.attention_mask
-        if mask is not None and mask.shape == x.shape[:2]:
-            m = mask.to(x.device, x.dtype).unsqueeze(-1)
-            h = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:
-            h = x.mean(1)
+        m = (mask.to(x.device, x.dtype) if mask is not None and mask.shape == x.shape[:2]
+             else torch.ones(x.shape[:2], device=x.device, dtype=x.dtype))
+        if self.sink_free and ctx.is_prefill:
+            kept = drop_first_token(m)
+            m = torch.where(kept.sum(1, keepdim=True) > 0, kept, m)
+        m = m.unsqueeze(-1)
+        h = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         sims = cast_similarity(h, self.vector)
         hit = sims > self.threshold if self.comparator == "greater" else sims < self.threshold
         return hit.to(t.dtype)
@@ -262,6 +271,7 @@ class CASTGate(Gate):
         return {
             "role": self.role, "threshold": self.threshold, "comparator": self.comparator,
             "group": self.group, "condition_site": self.condition_site,
+            "sink_free": self.sink_free,
         }
 
     @classmethod
@@ -274,6 +284,7 @@ class CASTGate(Gate):
             comparator=config.get("comparator", "greater"),
             group=config.get("group", "cast"),
             condition_site=config.get("condition_site", ""),
+            sink_free=bool(config.get("sink_free", False)),
         )
 
 
@@ -316,6 +327,7 @@ class CASTFitter(GateFitter):
                 gates[s.name] = CASTGate(
                     "condition", vector=torch.from_numpy(best.vector).float(),
                     threshold=best.threshold, comparator=best.comparator, condition_site=cond,
+                    sink_free=bool(getattr(opts, "sink_free", True)),
                 )
                 diag[s.name]["cast_condition"] = True
             else:

@@ -38,7 +38,7 @@ from sklearn.pipeline import make_pipeline
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from ..activations import TOKEN_TEXT
+from ..activations import TOKEN_TEXT, drop_first_token
 from ..kernel import LinearGate
 from ..maps.base import as_float_rows
 from ..options import (
@@ -137,12 +137,15 @@ class DSASGate(Gate):
     far (every real token up to and including this one) instead of this token's alone — the
     statistic the gate was trained on (text means), applied causally. It keeps the running sum of
     ``w·t`` and the token count per row (per-sequence state, cleared at every prefill), so it is
-    an external gate for the kernel; the server and steerwise.vllm refuse it like CAST."""
+    an external gate for the kernel; the server and steerwise.vllm refuse it like CAST.
+    ``sink_free`` (set by fits with sink-free statistics, the default since they exist; absent
+    in older recipes, which keep their meaning): the prefix mean leaves each row's first real
+    token (the attention sink) out, as the text means the gate was trained on do."""
 
     kind = "dsas"
 
     def __init__(self, weight: Tensor, bias: Tensor, *, constant: bool = False,
-                 apply_on: str = "tokens") -> None:
+                 apply_on: str = "tokens", sink_free: bool = False) -> None:
         super().__init__()
         if apply_on not in APPLY_ON:
             raise ValueError(f"DSAS apply_on must be one of {APPLY_ON} (got {apply_on!r})")
@@ -150,6 +153,7 @@ class DSASGate(Gate):
         self.register_buffer("bias", bias.detach().float().reshape(()).clone())
         self.constant = constant
         self.apply_on = apply_on
+        self.sink_free = bool(sink_free)
 
     def logits(self, t: Tensor) -> Tensor:
         return t @ self.weight + self.bias
@@ -172,6 +176,8 @@ class DSASGate(Gate):
         m = (mask.to(z.device, z.dtype) if mask is not None and mask.shape == z.shape
              else torch.ones_like(z))
         state = None if ctx.is_prefill else ctx.state.get(id(self))
+        if self.sink_free and ctx.is_prefill:  # the sequence starts here: its sink stays out
+            m = drop_first_token(m)
         sums = torch.cumsum(z * m, dim=-1)
         counts = torch.cumsum(m, dim=-1)
         if state is not None:
@@ -191,12 +197,16 @@ class DSASGate(Gate):
         return LinearGate("sigmoid", self.weight, self.bias)
 
     def config(self) -> dict[str, Any]:
-        return {"constant": self.constant, "apply_on": self.apply_on}
+        out: dict[str, Any] = {"constant": self.constant, "apply_on": self.apply_on}
+        if self.apply_on == "prefix-mean":
+            out["sink_free"] = self.sink_free
+        return out
 
     @classmethod
     def empty(cls, dim: int, config: dict[str, Any]) -> DSASGate:
         return cls(torch.zeros(dim), torch.zeros(()), constant=bool(config.get("constant", False)),
-                   apply_on=config.get("apply_on", "tokens"))
+                   apply_on=config.get("apply_on", "tokens"),
+                   sink_free=bool(config.get("sink_free", False)))
 
     @classmethod
     def fit(
@@ -361,6 +371,7 @@ class DSASFitter(GateFitter):
         for name, gate in gates.items():
             scales[name], gate.constant = layer_scale(diags[name]["gate_accuracy"], dsas)
             gate.apply_on = dsas.apply_on
+            gate.sink_free = bool(getattr(opts, "sink_free", True))
         return GateFit(dict(gates), scales, diags)
 
     def warnings(self, entries, opts) -> list[str]:

@@ -134,7 +134,7 @@ class E2EFitter(GateFitter):
         return train_end_to_end(ctx.model, ctx.tokenizer, entries, ctx.source,
                                 ctx.target_means(), ctx.control, opts.lineas,
                                 gamma=self.options(opts).gamma, max_length=opts.max_length,
-                                progress=ctx.progress)
+                                progress=ctx.progress, sink_free=opts.sink_free)
 
     def finish(self, entries, fitted, acts_s, acts_c, ctx):
         with torch.no_grad():

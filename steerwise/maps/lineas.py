@@ -71,7 +71,8 @@ class LinEASMap(SteeringMap):
 
         return train_end_to_end(ctx.model, ctx.tokenizer, entries, ctx.source,
                                 ctx.target_means(), ctx.control, ctx.options.lineas,
-                                max_length=ctx.options.max_length, progress=ctx.progress)
+                                max_length=ctx.options.max_length, progress=ctx.progress,
+                                sink_free=ctx.options.sink_free)
 
     @classmethod
     def fit(cls, source: Tensor, target: Tensor, options: Any = None, **kwargs: Any
