@@ -24,6 +24,7 @@ from steerwise.activations import (
 )
 from steerwise.fit import fit
 from steerwise.gates import DSASOptions
+from steerwise.gates.e2e import E2EOptions
 from steerwise.maps.lineas import LinEASOptions
 from steerwise.recipe import Recipe
 from steerwise.sites import resolve_sites
@@ -174,7 +175,7 @@ FITS = {
                                map_options={"support": True}),
     "iti+cast": dict(method="iti", gate="cast"),
     "lineas+e2e": dict(method="lineas", gate="e2e", dsas=DSASOptions(whiten=True, cv_folds=3),
-                       lineas=LinEASOptions(steps=4, batch_size=4, gamma=1.0)),
+                       lineas=LinEASOptions(steps=4, batch_size=4), e2e=E2EOptions(gamma=1.0)),
 }
 
 
