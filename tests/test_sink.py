@@ -161,6 +161,9 @@ def test_a_single_token_text_is_refused_with_its_index_and_set(tokenizer):
     with pytest.raises(ValueError, match=r"text #2 of the source set has a single token"):
         fit(model, tokenizer, ["apple pear", "pear apple", "banana"], ["car bus", "bus car"],
             gate="none", layers=[0], progress=False)
+    with pytest.raises(ValueError, match=r"text #1 of the control set has a single token"):
+        fit(model, tokenizer, ["apple pear", "pear apple"], ["car bus", "bus"], gate="none",
+            layers=[0], progress=False)  # the control set serves as target here
 
 
 FITS = {
