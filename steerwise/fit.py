@@ -317,7 +317,8 @@ def _collect(
         kw = dict(sites=sites, batch_size=opts.batch_size, max_length=opts.max_length,
                   progress=progress, pooling=sorted(poolings), sink_free=opts.sink_free)
         acts_s = collect_activations(model, tokenizer, source, desc="source", **kw)
-        acts_t = collect_activations(model, tokenizer, target, desc="target", **kw)
+        acts_t = collect_activations(model, tokenizer, target, **kw,
+                                     desc="control" if target is control else "target")
         if target is control:
             acts_c = acts_t
         elif control is not None:

@@ -12,7 +12,7 @@ from steerwise.recipe import Recipe
 FRUIT = ["the apple is sweet and ripe", "a pear is a sweet fruit", "the banana is ripe and sweet",
          "sweet apple and ripe pear", "a ripe banana is a fruit", "the pear was sweet and good"]
 OTHER = ["the car is fast on the road", "a dog runs in the rain", "the rain is cold and bad",
-         "the train was fast and big", "a cat sleeps in the sun", "the band song is good music"]
+         "the train was fast and big", "a cat sleeps in the sun", "a band song is good music"]
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,9 @@ def test_a_single_token_text_is_refused_with_its_index_and_set(tokenizer):
     with pytest.raises(ValueError, match=r"text #2 of the source set has a single token"):
         fit(model, tokenizer, ["apple pear", "pear apple", "banana"], ["car bus", "bus car"],
             gate="none", layers=[0], progress=False)
+    with pytest.raises(ValueError, match=r"text #1 of the control set has a single token"):
+        fit(model, tokenizer, ["apple pear", "pear apple"], ["car bus", "bus"], gate="none",
+            layers=[0], progress=False)  # the control set serves as target here
 
 
 FITS = {
@@ -256,7 +259,8 @@ def test_prefix_mean_gate_of_a_sink_free_fit_leaves_the_first_token_out(tmp_path
     assert old.sink_free is False
 
 
-def test_fitted_prefix_mean_and_cast_gates_are_sink_free_and_old_configs_are_not(tokenizer):
+def test_fitted_prefix_mean_and_cast_gates_are_sink_free_and_old_configs_are_not(tokenizer,
+                                                                                 tmp_path):
     from steerwise.gates.cast import CASTGate
 
     model = make_model("llama")
@@ -272,6 +276,10 @@ def test_fitted_prefix_mean_and_cast_gates_are_sink_free_and_old_configs_are_not
     assert old.entries[0].gate.sink_free is False
     cfg = {k: v for k, v in cond.config().items() if k != "sink_free"}
     assert CASTGate.empty(32, cfg).sink_free is False
+    for name, recipe in (("dsas", dsas), ("cast", cast), ("old", old)):
+        recipe.save_pretrained(tmp_path / name)
+        again = Recipe.from_pretrained(tmp_path / name)
+        assert again.entries[0].gate.sink_free is recipe.entries[0].gate.sink_free
 
 
 def test_cast_decision_ignores_the_first_tokens_activation():

@@ -197,10 +197,8 @@ class DSASGate(Gate):
         return LinearGate("sigmoid", self.weight, self.bias)
 
     def config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"constant": self.constant, "apply_on": self.apply_on}
-        if self.apply_on == "prefix-mean":
-            out["sink_free"] = self.sink_free
-        return out
+        # sink_free matters to prefix-mean gates only; kept for every gate so configs share keys
+        return {"constant": self.constant, "apply_on": self.apply_on, "sink_free": self.sink_free}
 
     @classmethod
     def empty(cls, dim: int, config: dict[str, Any]) -> DSASGate:
