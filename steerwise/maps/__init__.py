@@ -1,12 +1,12 @@
-"""Steering maps ("how"): each registers itself under its method name."""
+"""Steering maps ("how"): each registers itself under its method name (any import order)."""
 
+from .act import ActOptions, LinearActMap, MeanActMap
 from .base import MAP_REGISTRY, SteeringMap, map_from_config, register_map
-from .act import LinearActMap, MeanActMap
 from .caa import CAAMap
-from .iti import ITIMap
+from .iti import ITIMap, ITIOptions
 from .lineas import LinEASMap, LinEASOptions
 
 __all__ = [
-    "MAP_REGISTRY", "CAAMap", "ITIMap", "LinEASMap", "LinEASOptions", "LinearActMap", "MeanActMap",
-    "SteeringMap", "map_from_config", "register_map",
+    "MAP_REGISTRY", "ActOptions", "CAAMap", "ITIMap", "ITIOptions", "LinEASMap", "LinEASOptions",
+    "LinearActMap", "MeanActMap", "SteeringMap", "map_from_config", "register_map",
 ]

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from ..kernel import AffineMap
-from ..options import Options, int_at_least, option, positive_int
+from ..options import Options, option, positive_int
 from .base import SteeringMap, as_float_rows, register_map
 
 DEFAULT_TOP_K_HEADS = 48  # the ITI paper's K for LLaMA-7B; clipped to the number of heads
@@ -108,9 +108,8 @@ class ITIOptions(Options):
     n_heads: int | None = option(
         None, "heads per site (default: the model's, on --site heads; else one probe per "
               "layer)", cli=False)
-    cv_folds: int = option(5, "folds of each probe's held-out accuracy", flag="--cv-folds",
-                           type=int_at_least(2))
-    seed: int = option(0, "seed of the folds", flag="--seed")
+    cv_folds: int = option(5, "folds of each probe's held-out accuracy", cli=False)
+    seed: int = option(0, "seed of the folds (the command line's --seed)", flag="--seed")
     C: float = option(1.0, "inverse L2 strength of the logistic probes", cli=False)
 
 
