@@ -26,7 +26,7 @@ from .models import DEFAULT_MODEL
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
                                     "steerwise.scaling.cli", "steerwise.server.cli",
-                                    "steerwise.harness_cli")
+                                    "steerwise.harness_cli", "steerwise.export")
 DEBUG_ENV = "STEERWISE_DEBUG"
 
 console = Console()
