@@ -50,7 +50,8 @@ from steerwise.models import load_model
 from steerwise.recipe import Recipe
 
 CACHE = Path("/work/cache/gemma3-270m")
-DATA = ROOT.parent / "shared" / "data"
+DATA = next((p for p in (ROOT.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()),
+            ROOT.parent / "shared" / "data")
 PROMPTS = [
     "The weather today is",
     "My favourite thing about the city is",
@@ -121,7 +122,7 @@ def main() -> int:
     ap.add_argument("--hf", default=str(CACHE / "hf"))
     ap.add_argument("--gguf", default=str(CACHE / "gemma-3-270m-Q4_K_M.gguf"))
     ap.add_argument("--recipe", default=None, help="a recipe directory (default: fit CAA)")
-    ap.add_argument("--strengths", default="0.5,1,2", help="comma-separated strengths")
+    ap.add_argument("--strengths", default="0.1,0.25,0.5,1", help="comma-separated strengths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/llama-cpp-parity.json"))
     args = ap.parse_args()

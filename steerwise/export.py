@@ -9,7 +9,7 @@ functions):
 * ``common_control_vector_load_one`` (common/common.cpp) reads every tensor named
   ``direction.N``: it must be F32 and 1-D, all of one width; ``N = 0`` is an error (the buffer it
   builds starts at layer 1); the vector is multiplied by the file's scale
-  (``--control-vector-scaled FILE SCALE``; ``--control-vector FILE`` is scale 1) and files are
+  (``--control-vector-scaled FILE:SCALE``; ``--control-vector FILE`` is scale 1) and files are
   *summed*. Metadata is not read.
 * ``llama_adapter_cvec::apply`` / ``tensor_for`` (src/llama-adapter.cpp) keep one vector per layer
   ``il`` in ``1 .. n_layer - 1`` (never 0), used when ``layer_start <= il <= layer_end``
@@ -249,7 +249,7 @@ def read_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:
 def llama_cpp_buffer(files: Sequence[tuple[str | os.PathLike, float]], n_layers: int
                      ) -> tuple[int, np.ndarray]:
     """(n_embd, data) as llama.cpp's ``common_control_vector_load`` builds them from
-    ``--control-vector-scaled FILE SCALE`` pairs: each file's vectors times its scale, summed over
+    ``--control-vector-scaled FILE:SCALE`` pairs: each file's vectors times its scale, summed over
     files, laid out layer 1 first (``data[(N-1)·n_embd : N·n_embd]`` is layer N). Hand it to
     ``llama_set_adapter_cvec(ctx, data, len(data), n_embd, 1, n_layers)`` (llama-cpp-python's
     low-level API; older releases call it ``llama_control_vector_apply``)."""
@@ -275,7 +275,7 @@ def _cmd_export(args) -> int:
     layers = sorted(cv)
     print(f"wrote {path}: {len(layers)} direction tensors (layers {layers[0]}-{layers[-1]}, width "
           f"{next(iter(cv.values())).shape[0]}); use it with llama.cpp: "
-          f"--control-vector-scaled {path} 1.0 (the scale multiplies the exported strength)")
+          f"--control-vector-scaled {path}:1.0 (the scale multiplies the exported strength)")
     return 0
 
 
@@ -293,7 +293,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="the file to write (e.g. vector.gguf)")
     p.add_argument("--strength", type=finite_float, default=None,
                    help="strength baked into the vectors (default: the recipe's); llama.cpp's "
-                        "--control-vector-scaled FILE SCALE multiplies it")
+                        "--control-vector-scaled FILE:SCALE multiplies it")
     p.add_argument("--drop-layer-0", action="store_true",
                    help="leave out the recipe's layer-0 vector, which llama.cpp cannot apply "
                         "(default: refuse such a recipe)")
