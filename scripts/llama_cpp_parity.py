@@ -15,12 +15,14 @@ position. Per strength it reports, over all positions of all prompts:
 * the correlation of the *steering shifts* (steered − unsteered log-probabilities) of the two
   backends, and, of the positions where steering changes HF's top-1, the share where llama.cpp's
   steered top-1 is the same token;
+* the same with the HF side leaving the first position (the attention sink) unsteered (the
+  exported vectors added by plain hooks at positions 1..), since llama.cpp steers every position;
 * the same for a deliberately wrong file (each vector moved one layer down: ``direction.N`` holds
   the vector of layer N + 1), to show the layer numbering is not a matter of indifference.
 
     python scripts/llama_cpp_parity.py [--hf DIR] [--gguf FILE] [--recipe DIR] [--out JSON]
 
-Needs ``pip install llama-cpp-python`` (compiles llama.cpp; ~30 min on 2 cores). Without
+Needs ``pip install llama-cpp-python`` (compiles llama.cpp: 42 min on 2 busy cores). Without
 ``--recipe`` it fits CAA without a gate on layers 1-17 from 32 + 32 RealToxicityPrompts texts.
 """
 
@@ -75,6 +77,30 @@ def hf_logprobs(model, ids: list[int], recipe: Recipe | None, strength: float) -
         else:
             with recipe.apply(model, strength):
                 logits = model(input_ids=x).logits[0]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def hf_logprobs_sink_unsteered(model, ids: list[int], directions: dict[int, np.ndarray]
+                               ) -> torch.Tensor:
+    """The exported vectors added to the layer outputs at every position but the first (the
+    attention sink): what llama.cpp would give if it left the sink alone."""
+    layers = model.model.layers
+
+    def adder(vec):
+        def add(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            out = torch.cat([out[:, :1], out[:, 1:] + vec], dim=1)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        return add
+
+    handles = [layers[n].register_forward_hook(adder(torch.from_numpy(v)))
+               for n, v in directions.items()]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
     return torch.log_softmax(logits.double(), -1)
 
 
@@ -165,6 +191,8 @@ def main() -> int:
             ll1 = torch.cat([llama_logprobs(llm, ids) for ids in hf_ids])
             # the same vectors one layer down (direction.N = the vector of layer N + 1)
             cv = control_vector(recipe, s, drop_layer_0=True)
+            hfn = torch.cat([hf_logprobs_sink_unsteered(model, ids, cv.directions)
+                             for ids in hf_ids])
             cv.directions = {n - 1: v for n, v in cv.directions.items() if n - 1 >= 1}
             wrong = write_control_vector(cv, Path(tmp) / "wrong.gguf")
             _, wdata = llama_cpp_buffer([(wrong, 1.0)], n_layers)
@@ -176,6 +204,7 @@ def main() -> int:
             _, sdata = llama_cpp_buffer([(one, s)], n_layers)
             row = {"strength": s, **compare(hf0, hf1, ll0, ll1),
                    "wrong_layer_numbering": compare(hf0, hf1, ll0, llw),
+                   "hf_sink_unsteered_vs_llama": compare(hf0, hfn, ll0, ll1),
                    "scaled_file_max_abs_diff": float(np.abs(sdata - data).max())}
             rows.append(row)
             print(json.dumps(row), flush=True)
