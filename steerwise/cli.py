@@ -38,7 +38,7 @@ from .options import (  # noqa: F401 (the argument types other sub-commands impo
 
 COMMAND_MODULES: tuple[str, ...] = ("steerwise.demo", "steerwise.diffusion.cli", "steerwise.eval.cli",
                                     "steerwise.scaling.cli", "steerwise.server.cli",
-                                    "steerwise.harness_cli")
+                                    "steerwise.harness_cli", "steerwise.export")
 DEBUG_ENV = "STEERWISE_DEBUG"
 
 console = Console()

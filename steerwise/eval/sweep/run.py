@@ -1,0 +1,181 @@
+"""Running a sweep: fit (or load) each (method, gate, seed) recipe, evaluate every strength of its
+grid, append each point as it finishes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...recipe import Recipe
+from ..generation import evaluate_toxicity
+from ..mmlu import evaluate_mmlu, model_choice_scorer, token_counter
+from ..perplexity import conditional_perplexity, corpus_perplexity
+from ..toxicity import ToxicityScorer
+from .spec import BASE, SweepConfig, SweepData, build_fit_options, draw_fit_sets, gate_variant
+from .store import _append_point, _check_config, _drop_partial_line, point_key, read_points
+
+
+def evaluate_point(
+    model: nn.Module,
+    tokenizer,
+    data: SweepData,
+    scorer: ToxicityScorer,
+    config: SweepConfig,
+    recipe: Recipe | None,
+    strength: float,
+    seed: int,
+) -> dict[str, Any]:
+    """All metrics of one (recipe, strength) under one generation seed."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    tox = evaluate_toxicity(model, tokenizer, data.toxic_prompts, scorer, recipe, strength,
+                            config.generation, seeds=[seed])
+    out.update(toxicity=tox.rate, toxicity_mean=tox.mean, n_toxic_prompts=tox.n,
+               examples=tox.examples)
+    if data.benign_prompts:
+        ben = evaluate_toxicity(model, tokenizer, data.benign_prompts, scorer, recipe, strength,
+                                config.generation, seeds=[seed], n_examples=0)
+        out.update(benign_toxicity=ben.rate, benign_toxicity_mean=ben.mean)
+    if data.ppl_texts:
+        ppl = corpus_perplexity(model, tokenizer, data.ppl_texts, recipe, strength,
+                                window=config.ppl_window, max_tokens=config.ppl_max_tokens,
+                                batch_size=config.batch_size)
+        out.update(ppl=ppl.perplexity, ppl_tokens=ppl.n_tokens)
+    if data.ppl_prompts:
+        cp = conditional_perplexity(model, tokenizer, data.ppl_prompts, data.ppl_continuations,
+                                    recipe, strength, max_length=config.ppl_window,
+                                    batch_size=config.batch_size)
+        out.update(ppl_nontoxic=cp.perplexity, ppl_nontoxic_tokens=cp.n_tokens)
+    if data.mmlu_questions and config.mmlu_backend == "lm-eval":
+        from ...harness import mmlu_accuracy
+
+        acc, n, _ = mmlu_accuracy(model, tokenizer, recipe, strength, data.mmlu_questions,
+                                  data.mmlu_shots, k=config.mmlu_k, batch_size=config.batch_size,
+                                  max_length=config.mmlu_max_length)
+        out.update(mmlu=acc, mmlu_n=n, mmlu_backend="lm-eval")
+    elif data.mmlu_questions:
+        scorer_fn = model_choice_scorer(model, tokenizer, recipe, strength,
+                                        max_length=config.mmlu_max_length,
+                                        batch_size=config.batch_size)
+        res = evaluate_mmlu(data.mmlu_questions, scorer_fn, shots=data.mmlu_shots,
+                            k=config.mmlu_k, scoring=config.mmlu_scoring,  # type: ignore[arg-type]
+                            normalize=False, token_counts=token_counter(tokenizer))
+        out.update(mmlu=res.accuracy, mmlu_n=res.n, mmlu_backend="steerwise")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_sweep(
+    model: nn.Module,
+    tokenizer,
+    data: SweepData,
+    config: SweepConfig,
+    out_dir: str | Path,
+    *,
+    scorer: ToxicityScorer,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    fit_fn: Callable[..., Recipe] | None = None,
+    eval_fn: Callable[..., dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep; returns every point (old and new). ``fit_fn`` / ``eval_fn``
+    replace fitting / evaluation (tests)."""
+    from ...fit import fit as default_fit
+
+    fit_fn = fit_fn or default_fit
+    eval_fn = eval_fn or evaluate_point
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for m in config.methods:
+        if m not in config.strengths or not config.strengths[m]:
+            raise ValueError(f"no strength grid for method {m!r}")
+    for g in config.gates:
+        data.control(gate_variant(g, config)["control"])  # an unknown pool fails before any work
+    _check_config(out, config.to_json(), data.sizes())
+    _drop_partial_line(out)
+    done = {point_key(p["method"], p["gate"], p["seed"], p["strength"]) for p in read_points(out)}
+
+    todo: list[tuple[str, str, int, float]] = []
+    for seed in config.seeds:
+        todo.append((BASE, "none", seed, 0.0))
+        for m in config.methods:
+            for g in config.gates:
+                grid = config.strengths.get(f"{m}+{g}", config.strengths[m])
+                todo += [(m, g, seed, float(s)) for s in grid if s != 0]
+    remaining = [t for t in todo if point_key(*t) not in done]
+    if len(remaining) < len(todo):
+        log(f"resuming: {len(todo) - len(remaining)} of {len(todo)} points already in {out}")
+    recipes: dict[tuple[str, str, int], Recipe | None] = {}
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(remaining), desc="sweep", disable=not progress, unit="pt")
+    for method, gate, seed, strength in remaining:
+        bar.set_postfix_str(f"{method}+{gate} s{seed} λ={strength:g}")
+        recipe = None
+        if method != BASE:
+            key = (method, gate, seed)
+            if key not in recipes:
+                recipes[key] = _fit_or_load(model, tokenizer, data, config, out, method, gate, seed,
+                                            fit_fn, failures, log)
+            recipe = recipes[key]
+            if recipe is None:
+                bar.update(1)
+                continue
+        metrics = eval_fn(model, tokenizer, data, scorer, config, recipe, strength, seed)
+        point = {"method": method, "gate": gate, "seed": seed, "strength": strength, **metrics}
+        _append_point(out, point)
+        bar.update(1)
+    bar.close()
+    if failures:
+        (out / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
+        log(f"{len(failures)} fits failed: see {out / 'failures.json'}")
+    return read_points(out)
+
+
+def fit_sweep_recipe(model, tokenizer, data: SweepData, config: SweepConfig, method: str,
+                     gate: str, seed: int, fit_fn: Callable[..., Recipe] | None = None
+                     ) -> tuple[Recipe, list[warnings.WarningMessage]]:
+    """The recipe of one (method, gate or gate variant, seed), fitted as a sweep fits it (fit
+    sets drawn with ``seed`` from the variant's control pool), and the warnings of the fit."""
+    from ...fit import fit as default_fit
+
+    source, target, control = draw_fit_sets(data, config.n_fit, seed,
+                                            gate_variant(gate, config)["control"])
+    opts = build_fit_options(method, gate, config)
+    opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = (fit_fn or default_fit)(model, tokenizer, source, control, target, opts,
+                                         progress=False)
+    recipe.fit_info["sweep_seed"] = seed
+    recipe.fit_info["fit_seconds"] = time.perf_counter() - t0
+    return recipe, list(caught)
+
+
+def _fit_or_load(model, tokenizer, data, config, out: Path, method, gate, seed, fit_fn, failures,
+                 log) -> Recipe | None:
+    rdir = out / "recipes" / f"{method}__{gate}__seed{seed}"
+    if (rdir / "steerwise.json").is_file():
+        return Recipe.from_pretrained(rdir)
+    try:
+        recipe, caught = fit_sweep_recipe(model, tokenizer, data, config, method, gate, seed,
+                                          fit_fn)
+        for w in caught:
+            if "truncated" not in str(w.message):
+                log(f"[{method}+{gate} seed {seed}] warning: {w.message}")
+        recipe.save_pretrained(rdir)
+        return recipe
+    except Exception as exc:  # noqa: BLE001 - one broken combination must not end a long sweep
+        failures[f"{method}+{gate} seed {seed}"] = "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()
+        log(f"fit of {method}+{gate} (seed {seed}) failed: {exc}")
+        return None
