@@ -50,6 +50,18 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer starts every text with its BOS token (Gemma, Llama), else
+    ``[]`` (GPT-2, Qwen2). Code that tokenizes pieces without special tokens (perplexity,
+    log-likelihoods) puts it back in front, so the model reads text as it was trained to: Gemma 3
+    270M without its ``<bos>`` scores RTP continuations at perplexity ≈ 670 instead of ≈ 40."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [int(bos)] if ids and ids[0] == bos else []
+
+
 def max_model_length(model: nn.Module, tokenizer=None) -> int:
     cfg = getattr(model, "config", None)
     limits = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB_WORDS, make_model, random_recipe
+from conftest import VOCAB_WORDS, make_model, make_tokenizer, random_recipe
 
 from steerwise.eval.generation import (
     GenerationConfig,
@@ -464,3 +464,44 @@ def test_sweep_command_end_to_end(tmp_path):
         ("base", "none", 0.0), ("caa", "none", 2.0), ("caa", "dsas", 2.0)}
     assert main(argv) == 0
     assert len(read_points(out)) == 3
+
+
+def _bos_tokenizer():
+    """The test tokenizer, made to start every text with a BOS token as Gemma's and Llama's do."""
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<unk>"})  # id 2 serves as BOS here
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<unk> $A", special_tokens=[("<unk>", 2)])
+    return tok
+
+
+def test_scoring_puts_the_bos_back_in_front():
+    """Perplexity and log-likelihoods tokenize pieces without special tokens; with a tokenizer
+    that starts texts with BOS, the rows scored must start with it (Gemma without <bos> scores
+    RTP text at ppl ≈ 670 instead of ≈ 40) and every continuation token is scored."""
+    from steerwise.activations import bos_prefix
+    from steerwise.eval import perplexity as P
+
+    plain, bos = make_tokenizer(), _bos_tokenizer()
+    assert bos_prefix(plain) == [] and bos_prefix(bos) == [2]
+    assert bos("fruit apple")["input_ids"][0] == 2
+    seen: list[list[int]] = []
+
+    def spy(model, rows, n_target, pad_id, batch_size, progress, desc):
+        seen.extend(rows)
+        return np.zeros(len(rows)), np.asarray(n_target)
+
+    model = make_model("qwen2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "_score_rows", spy)
+        _, counts = P.continuation_logprobs(model, bos, ["fruit", ""], [" apple pear", " pear"])
+        assert [r[0] for r in seen] == [2, 2] and counts.tolist() == [2, 1]
+        seen.clear()
+        _, counts = P.continuation_logprobs(model, plain, ["fruit", ""], [" apple pear", " pear"])
+        assert [r[0] for r in seen] != [2, 2] and counts.tolist() == [2, 0]
+        seen.clear()
+        P.corpus_perplexity(model, bos, "apple pear fruit " * 10, window=8)
+        assert all(r[0] == 2 and len(r) <= 8 for r in seen)
+        assert sum(len(r) - 1 for r in seen) == 30  # every text token scored once

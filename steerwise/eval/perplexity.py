@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..activations import ensure_pad_token, forward_kwargs, max_model_length, pad_batch
+from ..activations import bos_prefix, ensure_pad_token, forward_kwargs, max_model_length, pad_batch
 from ..recipe import Recipe
 
 
@@ -88,7 +88,9 @@ def corpus_perplexity(
     progress: bool = False,
 ) -> Perplexity:
     """Perplexity of running text: texts joined by newlines, tokenized once, cut into windows of
-    ``window`` tokens (the last, shorter one kept if ≥ 2 tokens), at most ``max_tokens`` tokens."""
+    ``window`` tokens (the last, shorter one kept if ≥ 2 tokens), at most ``max_tokens`` tokens.
+    With a tokenizer that starts texts with BOS (``bos_prefix``), each window is BOS + the next
+    ``window − 1`` text tokens and every text token is scored."""
     if isinstance(texts, str):
         texts = [texts]
     text = "\n".join(t for t in texts if t.strip())
@@ -101,7 +103,9 @@ def corpus_perplexity(
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    rows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    lead = bos_prefix(tokenizer)
+    step = window - len(lead)
+    rows = [lead + ids[i:i + step] for i in range(0, len(ids), step)]
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         raise ValueError("the text is shorter than 2 tokens")
@@ -129,9 +133,10 @@ def continuation_logprobs(
     """``(sum log p(continuation | context), n continuation tokens)`` per pair.
 
     Context and continuation are tokenized separately and concatenated (so a leading space
-    belongs to the continuation, as in lm-evaluation-harness). When the pair is longer than
-    ``max_length`` tokens, the context is cut from the left. An empty context is allowed; the
-    first continuation token is then not scored (nothing predicts it).
+    belongs to the continuation, as in lm-evaluation-harness); the context starts with the
+    tokenizer's BOS when it adds one (``bos_prefix``). When the pair is longer than
+    ``max_length`` tokens, the context is cut from the left (after the BOS). An empty context is
+    allowed; without a BOS, the first continuation token is then not scored (nothing predicts it).
     """
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
@@ -141,13 +146,15 @@ def continuation_logprobs(
     limit = max_length or max_model_length(model, tokenizer)
     ctx_ids = tokenizer(list(contexts), add_special_tokens=False)["input_ids"]
     cont_ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    lead = bos_prefix(tokenizer)
     rows, n_target = [], []
     for i, (c, x) in enumerate(zip(ctx_ids, cont_ids)):
         if not x:
             raise ValueError(f"continuation #{i} is empty after tokenization")
-        if len(x) >= limit:
+        if len(x) + len(lead) >= limit:
             raise ValueError(f"continuation #{i} alone has {len(x)} tokens (limit {limit})")
-        c = list(c)[-(limit - len(x)):] if len(c) + len(x) > limit else list(c)
+        room = limit - len(x) - len(lead)
+        c = lead + (list(c)[-room:] if len(c) > room else list(c))
         row = c + list(x)
         rows.append(row)
         n_target.append(len(x) if c else len(x) - 1)
@@ -193,11 +200,13 @@ def next_token_logprobs(
     if not contexts:
         raise ValueError("no contexts given")
     ensure_pad_token(tokenizer)
-    limit = (max_length or max_model_length(model, tokenizer)) - 1
+    lead = bos_prefix(tokenizer)
+    limit = (max_length or max_model_length(model, tokenizer)) - 1 - len(lead)
     rows = [list(r)[-limit:] for r in tokenizer(list(contexts), add_special_tokens=False)["input_ids"]]
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"context #{i} is empty after tokenization")
+    rows = [lead + r for r in rows]
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: np.ndarray | None = None
