@@ -232,11 +232,16 @@ def test_first_token_skip_parity_with_hf(testbed, tmp_path):
     recipes = {"skip": Recipe.from_pretrained(path), "detox": detox}
     llm = make_engine(TESTBED, {"skip": path, "detox": tb["paths"]["detox"]}, True, tb["cache"])
     try:
-        items = [(i, n, s) for i in ids for n, s in (("skip", 4.0), ("detox", 4.0), (None, 0.0))]
+        # at strength 16 the policy changes a greedy continuation of this model (measured: "I
+        # hate those"), so vLLM must really skip the first token to match
+        items = [(i, n, s) for i in ids for n, s in
+                 (("skip", 4.0), ("detox", 4.0), (None, 0.0), ("skip", 16.0), ("detox", 16.0))]
         got = tokens(run(llm, items), eos)
         want = [hf_greedy(model, i, None if n is None else recipes[n], s, eos)
                 for i, n, s in items]
         assert got == want
+        by = {(tuple(i), n, s): w for (i, n, s), w in zip(items, want)}
+        assert any(by[(tuple(i), "skip", 16.0)] != by[(tuple(i), "detox", 16.0)] for i in ids)
     finally:
         close(llm)
 
