@@ -1,5 +1,5 @@
 """A tiny random Gemma-3 model written as a GGUF file with the ``gguf`` package's writer, the way
-llama.cpp's converter lays it out (tensor names from ``gguf.get_tensor_name_map``, Gemma norm weights
+llama.cpp's converter lays it out (llama.cpp's tensor names, Gemma norm weights
 stored as ``1 + w``, a SentencePiece-style vocabulary with byte fallback). Lets the default suite
 exercise the GGUF loading path without the 253 MB real model."""
 
@@ -48,6 +48,28 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+# Hugging Face Gemma-3 parameter names -> llama.cpp's (gguf-py's tensor map, written out so that
+# the helper does not depend on the gguf version knowing Gemma 3)
+GGUF_NAMES = {
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``."""
+    base, suffix = name.rsplit(".", 1)
+    if base in GGUF_NAMES:
+        return f"{GGUF_NAMES[base]}.{suffix}"
+    _, _, layer, rest = base.split(".", 3)
+    return f"blk.{layer}.{GGUF_NAMES[rest]}.{suffix}"
+
+
 def write_gguf(model, path: str | Path, *, arch: str = "gemma3") -> Path:
     """Write ``model`` (from ``tiny_gemma3``) to ``path`` as an F32 GGUF file of architecture
     ``arch`` (another name gives a file that transformers cannot map)."""
@@ -81,15 +103,13 @@ def write_gguf(model, path: str | Path, *, arch: str = "gemma3") -> Path:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg.num_hidden_layers)
     for name, p in model.state_dict().items():
         if name == "lm_head.weight":  # tied to the embedding, as in Gemma's GGUF files
             continue
-        base, suffix = name.rsplit(".", 1)
         data = p.detach().float()
-        if "norm" in base:
+        if "norm" in name:
             data = data + 1.0  # llama.cpp stores Gemma's RMSNorm as 1 + w
-        w.add_tensor(f"{names.get_name(base)}.{suffix}", data.numpy())
+        w.add_tensor(gguf_name(name), data.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -20,7 +20,7 @@ from gguf_tiny import WORDS, tiny_gemma3, write_gguf  # noqa: E402
 from steerwise import Recipe, load_model  # noqa: E402
 from steerwise.cli import main  # noqa: E402
 from steerwise.fit import fit  # noqa: E402
-from steerwise.models import gguf_architectures, inspect_gguf  # noqa: E402
+from steerwise.models import gguf_architectures, inspect_gguf, read_gguf_header  # noqa: E402
 from steerwise.recipe import ModelIdentity  # noqa: E402
 
 
@@ -62,6 +62,18 @@ def test_gguf_file_loads_as_the_model_written(tiny, capsys):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert loaded.config._name_or_path == str(path)  # recipes record the file
     assert ModelIdentity.of(loaded) == ModelIdentity("gemma3_text", 32, 2, str(path))
+
+
+def test_header_reader_agrees_with_the_gguf_package(tiny):
+    from gguf import GGUFReader
+
+    _, _, path = tiny
+    info = read_gguf_header(path)
+    reader = GGUFReader(path)
+    assert info["tensors"] == len(reader.tensors) == 28
+    assert info["needs"] == path.stat().st_size == max(
+        int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    assert (info["architecture"], info["name"]) == ("gemma3", "tiny gemma3")
 
 
 def test_directory_plus_gguf_file_is_the_same_model(tiny):
