@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/lib.sh
 ci_fresh_venv realmodel
-# The gguf extra's lower bounds (e.g. gguf==0.10.0 accelerate==1.1.0), so that CI runs what
+# The gguf extra's lower bounds (gguf==0.16.2 accelerate==1.1.0 today), so that CI runs what
 # pyproject.toml declares; the lowest job does not install this extra.
 mapfile -t pins < <("$CI_PYTHON" - <<'PY'
 import re

@@ -339,6 +339,13 @@ def _load_gguf(directory: str, file: str, dtype: str, progress: bool):
                                                      dtype=DTYPES[dtype])
     except OSError as exc:
         raise OSError(f"cannot load GGUF model {where}: {first_line(exc)}") from exc
+    except NotImplementedError as exc:  # transformers: the gguf package lacks the architecture
+        from importlib.metadata import version
+
+        raise ValueError(f"cannot load GGUF model {where}: the installed gguf package "
+                         f"({version('gguf')}) does not know its architecture"
+                         f"{' ' + repr(info['architecture']) if info else ''}; "
+                         "pip install -U gguf") from exc
     except ValueError as exc:
         msg = first_line(exc)
         if "not supported" in msg and "architecture" in msg.lower():

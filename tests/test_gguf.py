@@ -177,3 +177,21 @@ def test_missing_gguf_package_says_how_to_install(tiny, monkeypatch, capsys):
     assert main(["sites", "--model", str(path)]) == 2
     assert error_line(capsys) == ("steerwise sites: error: loading a GGUF model needs the gguf "
                                   "package: pip install 'steerwise[gguf]'")
+
+
+def test_gguf_package_without_the_architecture_says_to_upgrade(tiny, monkeypatch, capsys):
+    """transformers raises NotImplementedError when the installed gguf predates the architecture
+    (gguf 0.16.0 and Gemma 3): one line that says so."""
+    import transformers
+
+    _, _, path = tiny
+
+    def too_old(*args, **kwargs):
+        raise NotImplementedError("Unknown gguf model_type: gemma3 in gguf-py. This might ...")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", too_old)
+    assert main(["sites", "--model", str(path)]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"steerwise sites: error: cannot load GGUF model {path}: the installed "
+                           "gguf package (") and line.endswith(
+        "does not know its architecture 'gemma3'; pip install -U gguf"), line
