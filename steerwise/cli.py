@@ -94,9 +94,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_gguf_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="a GGUF file inside the --model directory (or hub repository), "
+                        "dequantized by transformers; a .gguf --model needs no --gguf-file")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, local directory, or embedded model name (concept-lm, task-lm)")
+                   help="hub id, local directory, embedded model name (concept-lm, task-lm), or a "
+                        ".gguf file (needs steerwise[gguf])")
+    add_gguf_arg(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded in (steering is computed in float32)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -249,13 +257,14 @@ def fit_options_from_args(args: argparse.Namespace):
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .data import load_texts
     from .fit import fit
-    from .models import load_model
+    from .models import load_model, model_display_name
 
     source = load_texts(args.source, limit=args.limit)
     control = load_texts(args.control, limit=args.limit) if args.control else None
     target = load_texts(args.target, limit=args.limit) if args.target else None
     opts = fit_options_from_args(args)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
+                            gguf_file=args.gguf_file)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recipe = fit(model, tok, source, control, target, opts)
@@ -271,7 +280,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         console.print(line)
     for w in caught:
         console.print(f"[yellow]warning:[/] {w.message}")
-    recipe.fit_info["model_name"] = args.model
+    recipe.fit_info["model_name"] = model_display_name(args.model, args.gguf_file)
     out = recipe.save_pretrained(args.out)
     console.print(f"saved recipe ({recipe.method} + {recipe.gate}, {len(recipe.entries)} sites) "
                   f"to {out}")
@@ -284,7 +293,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .recipe import Recipe
 
     recipe = Recipe.from_pretrained(args.recipe) if args.recipe else None
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file)
     gen_kwargs = {}
     if args.sample:
         gen_kwargs = {"do_sample": True, "top_p": args.top_p, "temperature": args.temperature}
@@ -316,7 +326,8 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     from .models import load_model
     from .sites import describe_sites, model_type, num_layers
 
-    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file)
     table = Table(title=f"{model_type(model)}: {num_layers(model)} layers (layer 0 shown)")
     table.add_column("site")
     table.add_column("module (io)")

@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         f"(import failed: {exc})"
     ) from exc
 
-from .models import resolve_model_path
+from .models import require_gguf, resolve_gguf, resolve_model_path
 from .recipe import Recipe
 
 MODEL_NAME = "steerwise"
@@ -44,7 +44,8 @@ MODEL_NAME = "steerwise"
 class SteerwiseLM(HFLM):
     """lm-eval's ``HFLM``, steered by a steerwise recipe.
 
-    ``pretrained``: a model (instance), hub id, local directory or embedded model name;
+    ``pretrained``: a model (instance), hub id, local directory, embedded model name or
+    ``.gguf`` file (or a directory plus ``gguf_file``);
     ``recipe``: a ``Recipe``, a recipe directory or a Hub repo id (``recipe_revision`` pins
     it); ``strength``: λ (default: the recipe's). Without a recipe the model is unsteered, as
     lm-eval's ``hf``. Every other keyword goes to ``HFLM`` (``batch_size``, ``dtype``,
@@ -62,7 +63,12 @@ class SteerwiseLM(HFLM):
         if recipe is not None and not isinstance(recipe, Recipe):  # fail before loading a model
             recipe = Recipe.from_pretrained(recipe, revision=recipe_revision)
         if isinstance(pretrained, str):
-            pretrained = resolve_model_path(pretrained)
+            gguf = resolve_gguf(pretrained, kwargs.get("gguf_file"))
+            if gguf is not None:  # HFLM passes gguf_file on to transformers
+                require_gguf()
+                pretrained, kwargs["gguf_file"] = gguf
+            else:
+                pretrained = resolve_model_path(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
         self.recipe: Recipe | None = recipe
         if strength is None:

@@ -25,6 +25,8 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         raise ValueError("give lm-eval's --tasks after '--', e.g. "
                          "steerwise harness --model M --recipe DIR -- --tasks arc_easy")
     model_args = {"pretrained": args.model, "dtype": args.dtype}
+    if args.gguf_file:
+        model_args["gguf_file"] = args.gguf_file
     if args.recipe:
         model_args["recipe"] = args.recipe
         if args.revision:

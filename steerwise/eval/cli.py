@@ -175,7 +175,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     console.print(f"[bold]steerwise sweep[/]: methods {', '.join(methods)} × gates "
                   f"{', '.join(gates)} × seeds {seeds}; data {data.sizes()}")
     scorer = load_scorer(args.scorer, device=args.device)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file)
     t0 = time.perf_counter()
     points = run_sweep(model, tok, data, config, out, scorer=scorer, progress=not args.no_progress,
                        log=lambda s: console.print(s))

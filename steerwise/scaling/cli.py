@@ -45,6 +45,9 @@ def _add_common(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_
     p.add_argument("--model", default=model_default,
                    help="hub id, local directory or embedded name (default: "
                         + ("task-lm)" if model_default else "the recipe's model, else task-lm)"))
+    from ..cli import add_gguf_arg
+
+    add_gguf_arg(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded in")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -75,14 +78,15 @@ def metrics_table(report: dict, title: str) -> Table:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from ..models import load_model
+    from ..models import load_model, model_display_name
     from .data import TASKS, load_task
     from .metrics import evaluate_scaling
     from .train import ScaleOptions, fit_scaling
 
     train = load_task(args.task, args.n_train, seed=args.seed, split="train",
                       prefix_sentences=args.prefix_sentences)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file)
     opts = ScaleOptions(
         method=args.method, sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
         layers=args.layers, lambda_f=args.lambda_f, lambda_m=args.lambda_m, margin=args.margin,
@@ -90,7 +94,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         kl=args.kl, bias=args.bias, seed=args.seed, nonzero_tol=args.nonzero_tol,
     )
     recipe = fit_scaling(model, tok, train, opts)
-    recipe.info["model_name"] = args.model
+    recipe.info["model_name"] = model_display_name(args.model, args.gguf_file)
     recipe.info["task"] = args.task
     tr = recipe.info["training"]
     log = tr["log"]
@@ -122,7 +126,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     recipe = ScaleRecipe.from_pretrained(args.recipe)
     model_name = args.model or recipe.info.get("model_name") or DEFAULT_TASK_MODEL
-    model, tok = load_model(model_name, dtype=args.dtype, device=args.device)
+    model, tok = load_model(model_name, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file if args.model else None)
     results = {}
     prefixes = args.prefix_sentences if args.task in TASKS else [0]
     for k in prefixes:
@@ -152,7 +157,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         if not prompt:
             raise ValueError("give --prompt: a DynScalar's scalars depend on the prompt")
         model_name = args.model or recipe.info.get("model_name") or DEFAULT_TASK_MODEL
-        model, tok = load_model(model_name, dtype=args.dtype, device=args.device)
+        model, tok = load_model(model_name, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file if args.model else None)
         values, tokens = dynamic_scalars(model, tok, recipe, prompt)
     path = plot_scalars(recipe, args.out, values=values, tokens=tokens, title=args.title)
     console.print(f"heat map written to {path}")

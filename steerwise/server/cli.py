@@ -43,7 +43,8 @@ def build_server(args: argparse.Namespace):
     from .engine import Engine
     from .schemas import ServerConfig
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device,
+                          gguf_file=args.gguf_file)
     recipes = {name: Recipe.from_pretrained(path)
                for name, path in parse_recipe_args(args.recipe).items()}
     if args.demo:
