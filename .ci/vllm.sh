@@ -3,7 +3,10 @@
 # build. .ci/run calls it after the main suite. Fails when a test fails, when pytest collects
 # nothing, or when any test skips (CI has ../shared beside the repo and vLLM installed here, so a
 # skip means the integration went untested). Measured on 2 CPU cores: ~4.5 min install (3.5 GB),
-# 3.5-8 min tests (7 tests, 5 vLLM engine starts, one of them compiled).
+# +0.3 GB and ~1 min CPU to write the real model's HF directory (3.5 min wall on a machine loaded
+# ~7x), 3.5-8 min for the testbed/Llama tests (5 vLLM engine starts, one compiled) and for the real
+# model (3 engine starts: eager, compiled, 2 tensor-parallel ranks) ~2 min CPU per run, 26 min
+# wall on a machine loaded ~7x (load average 14-19 on 2 cores); expected ~15-22 min in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/lib.sh
