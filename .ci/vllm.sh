@@ -5,8 +5,9 @@
 # skip means the integration went untested). Measured on 2 CPU cores: ~4.5 min install (3.5 GB),
 # +0.3 GB and ~1 min CPU to write the real model's HF directory (3.5 min wall on a machine loaded
 # ~7x), 3.5-8 min for the testbed/Llama tests (5 vLLM engine starts, one compiled) and for the real
-# model (3 engine starts: eager, compiled, 2 tensor-parallel ranks) ~2 min CPU per run, 26 min
-# wall on a machine loaded ~7x (load average 14-19 on 2 cores); expected ~15-22 min in all.
+# model (fit + 3 engine starts: eager, compiled, 2 tensor-parallel ranks) 26 min wall on a machine
+# loaded ~7x (load average 14-19 on 2 cores; eager 8 min, compiled 10.4, TP 3.2, fit 1-3) but
+# only ~4.5 CPU-min (user+sys, in two runs); expected ~15-22 min in all on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/lib.sh
