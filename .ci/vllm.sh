@@ -7,7 +7,8 @@
 # ~7x), 3.5-8 min for the testbed/Llama tests (5 vLLM engine starts, one compiled) and for the real
 # model (fit + 3 engine starts: eager, compiled, 2 tensor-parallel ranks) 26 min wall on a machine
 # loaded ~7x (load average 14-19 on 2 cores; eager 8 min, compiled 10.4, TP 3.2, fit 1-3) but
-# only ~4.5 CPU-min (user+sys, in two runs); expected ~15-22 min in all on a quiet machine.
+# only ~4.5 CPU-min (user+sys, in two runs); the other 11 of the 14 tests 19 min wall there, 3.3
+# CPU-min. Expected ~15-22 min in all on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/lib.sh
