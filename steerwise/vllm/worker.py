@@ -96,6 +96,19 @@ def recipes_digest(paths: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
+def check_engine_config(vllm_config: Any) -> None:
+    """Refuse engine configurations in which the routing buffers would not match the tokens a
+    hook sees. Micro-batching (dual batch overlap, ``enable_dbo`` / ``ubatch_size`` > 1) runs the
+    model on slices of the step's tokens, each slice's hooks starting at token 0."""
+    par = getattr(vllm_config, "parallel_config", None)
+    if par is not None and (getattr(par, "enable_dbo", False)
+                            or int(getattr(par, "ubatch_size", 0) or 0) > 1):
+        raise RuntimeError(
+            "steerwise.vllm does not support micro-batching (enable_dbo / ubatch_size > 1): the "
+            "model runs on slices of a step's tokens, which the per-token routing does not "
+            "follow; turn it off to serve steered requests")
+
+
 def install(worker: Any) -> VllmSteering:
     """Load the configured recipes onto ``worker``'s model and route tokens before each step."""
     import vllm
@@ -107,6 +120,7 @@ def install(worker: Any) -> VllmSteering:
             "query_start_loc); this engine uses Model Runner V2. Set VLLM_USE_V2_MODEL_RUNNER=0."
         )
     cfg = worker.vllm_config
+    check_engine_config(cfg)
     paths = recipes_from_config(cfg)
     recipes = {}
     for name, path in paths.items():
