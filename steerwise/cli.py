@@ -139,7 +139,10 @@ def print_gates(trace, row: int, con: Console | None = None) -> None:
 
 
 def diagnostics_table(recipe, title: str = "per-site diagnostics") -> Table:
-    """A rich table of what a fit found per site (gate/probe accuracy, scale, norms)."""
+    """A rich table of what a fit found per site (gate/probe accuracy, scale, norms, and the
+    steering's norm at the default strength relative to the median token norm)."""
+    from .strength import relative_strength
+
     rows = recipe.diagnostics()
     keys = [k for k in ("gate_accuracy", "probe_accuracy") if any(k in r for r in rows)]
     table = Table(title=title)
@@ -149,13 +152,19 @@ def diagnostics_table(recipe, title: str = "per-site diagnostics") -> Table:
     table.add_column("scale a_l", justify="right")
     table.add_column("|source|", justify="right")
     table.add_column("|delta|", justify="right")
+    table.add_column("median |x|", justify="right")
+    table.add_column(f"λ·a·|delta|/median |x| (λ={recipe.default_strength:.3g})",
+                     justify="right")
     for r in rows:
         cells = [r["site"]]
         for k in keys:
             v = r.get(k)
             cells.append("-" if v is None else f"{v:.3f}")
+        rel = relative_strength(r, recipe.default_strength)
         cells += [f"{r['scale']:.2f}", f"{r.get('source_norm', float('nan')):.2f}",
-                  f"{r.get('delta_norm', float('nan')):.2f}"]
+                  f"{r.get('delta_norm', float('nan')):.2f}",
+                  f"{r.get('token_norm_median', float('nan')):.2f}",
+                  "-" if rel is None else f"{rel:.3f}"]
         table.add_row(*cells)
     return table
 
@@ -260,6 +269,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         recipe = fit(model, tok, source, control, target, opts)
     console.print(diagnostics_table(recipe))
+    if "strength" in recipe.fit_info:
+        from .strength import search_summary
+
+        console.print(search_summary(recipe.fit_info["strength"]), soft_wrap=True,
+                      highlight=False, markup=False)
     training = recipe.fit_info.get("training")
     if training:
         line = (f"end-to-end training ({training['trained']}): W2 {training['w2_initial']:.4g} → "
