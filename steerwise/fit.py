@@ -105,9 +105,9 @@ class FitOptions(Options):
     max_length: int | None = option(None, "tokens per text at most (default: the model's)",
                                     cli=False)
     default_strength: float | str = option(
-        1.0, "default strength saved in the recipe: a number, or 'auto': the largest λ whose "
-        "perplexity on held-out target and control texts stays within --strength-budget of the "
-        "unsteered one (docs/algorithms.md, 'Default strength')",
+        1.0, "a number, or 'auto' (the largest λ whose perplexity on held-out target and "
+        "control texts stays within --strength-budget of the unsteered one; docs/algorithms.md, "
+        "'Default strength'): the default strength saved in the recipe",
         flag="--strength", type=strength_value, metavar="{NUMBER,auto}")
     strength_budget: float = option(
         0.05, "with --strength auto: the allowed relative rise of the held-out perplexity "

@@ -71,8 +71,12 @@ def strength_value(text: str) -> float | str:
     try:
         return check_default_strength(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number or 'auto', got {text!r}") from None
+        try:
+            float(text)  # a number, but NaN or infinite
+            what = "a finite number"
+        except ValueError:
+            what = "a finite number or 'auto'"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def check_search_options(budget: Any, holdout: Any, strength_max: Any, evals: Any) -> None:
