@@ -289,7 +289,7 @@ def search_summary(info: dict[str, Any]) -> str:
     """One line on a stored search (``fit_info["strength"]``): the chosen λ, the rule's numbers,
     the probes and the time."""
     probes = ", ".join(f"{p['strength']:.3g} → {p['perplexity']:.4g}" for p in info["probes"])
-    capped = f" (the cap strength_max; the search went no higher)" if info.get("capped") else ""
+    capped = " (the cap strength_max; the search went no higher)" if info.get("capped") else ""
     return (f"default strength λ = {info['strength']:.3g}{capped}: the largest λ found with "
             f"held-out perplexity ≤ {info['limit']:.4g} (unsteered {info['base_perplexity']:.4g} "
             f"+{info['budget']:.1%}) on {info['n_texts']} texts, {info['n_tokens']} tokens; "
