@@ -23,7 +23,9 @@ INTRO = (
 FIT_INTRO = (
     "Per site, as measured at fit time: the gate's cross-validated accuracy (source vs control), "
     "a probe's cross-validated accuracy (source vs target), the layer scale a_l (0 = not "
-    "steered), and the mean norm of the source activations and of the steering at λ = 1."
+    "steered), the mean norm of the source activations and of the steering at λ = 1, the median "
+    "norm of the source texts' token activations, and the steering's norm at the default "
+    "strength relative to it (λ · a_l · ‖delta‖ / median ‖x‖, the gate fully open)."
 )
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _COLUMNS = (("gate_accuracy", "gate accuracy (S vs C)"),
@@ -49,16 +51,43 @@ def _num(value: Any, digits: int = 3) -> str:
 
 
 def fit_table(recipe: Recipe) -> str:
-    """Per site: gate and probe accuracy, layer scale, activation and steering norms (markdown)."""
+    """Per site: gate and probe accuracy, layer scale, activation and steering norms, and the
+    steering's norm at the default strength relative to the median token norm (markdown)."""
+    from .strength import relative_strength
+
     rows = recipe.diagnostics()
     cols = [(k, title) for k, title in _COLUMNS if any(k in r for r in rows)]
-    head = ["site", *(t for _, t in cols), "scale a_l", "mean ‖source‖", "‖delta‖"]
+    head = ["site", *(t for _, t in cols), "scale a_l", "mean ‖source‖", "‖delta‖",
+            "median ‖x‖", f"λ·a_l·‖delta‖ / median ‖x‖ (λ = {recipe.default_strength:.3g})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['site']}`", *(_num(r.get(k)) for k, _ in cols), _num(r["scale"], 2),
-                 _num(r.get("source_norm"), 2), _num(r.get("delta_norm"), 2)]
+                 _num(r.get("source_norm"), 2), _num(r.get("delta_norm"), 2),
+                 _num(r.get("token_norm_median"), 2),
+                 _num(relative_strength(r, recipe.default_strength), 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def strength_section(recipe: Recipe) -> str | None:
+    """How the default strength was chosen (``fit_info["strength"]``), as markdown, or None."""
+    info = recipe.fit_info.get("strength")
+    if not isinstance(info, dict) or "probes" not in info:
+        return None
+    capped = (" The search stopped at its cap (strength_max): larger strengths were not tried."
+              if info.get("capped") else "")
+    rows = "\n".join(f"| {p['strength']:.4g} | {p['perplexity']:.4g} | "
+                     f"{'yes' if p['perplexity'] <= info['limit'] else 'no'} |"
+                     for p in sorted(info["probes"], key=lambda p: p["strength"]))
+    return (
+        "## Default strength\n\n"
+        f"λ = {info['strength']:.4g}: the largest strength found whose perplexity on held-out "
+        f"benign texts ({info.get('held_out', 'held-out texts')}; {info['n_tokens']} tokens) "
+        f"stays within +{info['budget']:.1%} of the unsteered perplexity "
+        f"({info['base_perplexity']:.4g}, limit {info['limit']:.4g}), searched on a log scale "
+        f"(steps of 4 from λ = 1, then bisection) in {info['seconds']:.1f} s.{capped}\n\n"
+        "| λ | held-out perplexity | within budget |\n|---|---|---|\n" + rows
+    )
 
 
 def model_card(recipe: Recipe, load_from: str | None = None, *, repo_id: str | None = None) -> str:
@@ -98,7 +127,8 @@ def model_card(recipe: Recipe, load_from: str | None = None, *, repo_id: str | N
         ("gate (when)", f"`{recipe.gate}`"),
         ("sites (where)", f"{len(recipe.entries)} sites{kind}, {steered} with a_l > 0"),
         ("fit data", data),
-        ("default strength λ", strength),
+        ("default strength λ", strength + (" (chosen on held-out text: see Default strength)"
+                                           if "strength" in info else "")),
         ("steerwise version", __version__),
     ]
     chat = opts.get("chat")
@@ -115,6 +145,9 @@ def model_card(recipe: Recipe, load_from: str | None = None, *, repo_id: str | N
         "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts),
         f"## Fit\n\n{FIT_INTRO}\n\n{fit_table(recipe)}",
     ]
+    section = strength_section(recipe)
+    if section:
+        parts.append(section)
     if info.get("warning"):
         parts.append(f"**Fit warning:** {info['warning']}")
     parts.append(

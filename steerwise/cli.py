@@ -146,24 +146,40 @@ def print_gates(trace, row: int, con: Console | None = None) -> None:
         con.print(gate_numbers(trace, row), soft_wrap=True, highlight=False, markup=False)
 
 
+def _norm(value: float | None) -> str:
+    """A norm in a few characters: 2 decimals below 100, none above."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
 def diagnostics_table(recipe, title: str = "per-site diagnostics") -> Table:
-    """A rich table of what a fit found per site (gate/probe accuracy, scale, norms)."""
+    """A rich table of what a fit found per site (gate/probe accuracy, scale, norms, and the
+    steering's norm at the default strength relative to the median token norm)."""
+    from .strength import relative_strength
+
     rows = recipe.diagnostics()
     keys = [k for k in ("gate_accuracy", "probe_accuracy") if any(k in r for r in rows)]
-    table = Table(title=title)
-    table.add_column("site")
+    lam = recipe.default_strength
+    table = Table(title=title, caption=f"median |x|: the median token norm (source texts); "
+                                       f"rel: λ·a_l·|delta| / median |x| at the default "
+                                       f"strength λ = {lam:.3g}, the gate fully open")
+    table.add_column("site", no_wrap=True)
     for k in keys:
         table.add_column(k.replace("_", " "), justify="right")
     table.add_column("scale a_l", justify="right")
     table.add_column("|source|", justify="right")
     table.add_column("|delta|", justify="right")
+    table.add_column("median |x|", justify="right")
+    table.add_column("rel", justify="right")
     for r in rows:
         cells = [r["site"]]
         for k in keys:
             v = r.get(k)
             cells.append("-" if v is None else f"{v:.3f}")
-        cells += [f"{r['scale']:.2f}", f"{r.get('source_norm', float('nan')):.2f}",
-                  f"{r.get('delta_norm', float('nan')):.2f}"]
+        rel = relative_strength(r, lam)
+        cells += [f"{r['scale']:.2f}", _norm(r.get("source_norm")), _norm(r.get("delta_norm")),
+                  _norm(r.get("token_norm_median")), "-" if rel is None else f"{rel:.2g}"]
         table.add_row(*cells)
     return table
 
@@ -268,7 +284,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recipe = fit(model, tok, source, control, target, opts)
-    console.print(diagnostics_table(recipe))
+    # a terminal gets the table at its width, a file or pipe the whole table
+    (console if console.is_terminal else Console(width=160)).print(diagnostics_table(recipe))
+    if "strength" in recipe.fit_info:
+        from .strength import search_summary
+
+        console.print(search_summary(recipe.fit_info["strength"]), soft_wrap=True,
+                      highlight=False, markup=False)
     training = recipe.fit_info.get("training")
     if training:
         line = (f"end-to-end training ({training['trained']}): W2 {training['w2_initial']:.4g} → "

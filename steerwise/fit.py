@@ -43,10 +43,28 @@ from .hooks import SiteSteering
 from .maps.base import MAP_REGISTRY, SteeringMap
 from .maps.iti import probe_accuracy
 from .maps.lineas import LinEASOptions
-from .options import Options, check_keys, finite_float, option, positive_int, unknown_key_error
+from .options import (
+    Options,
+    check_keys,
+    int_at_least,
+    open_unit_interval,
+    option,
+    positive_float,
+    positive_int,
+    unknown_key_error,
+)
 from .positions import DEFAULT_FIRST_TOKEN, FIRST_TOKEN_CHOICES, check_first_token
 from .recipe import ModelIdentity, Recipe
 from .sites import Site, resolve_sites, site_width
+from .strength import (
+    AUTO,
+    check_default_strength,
+    check_search_options,
+    median_token_norms,
+    search_strength,
+    split_held_out,
+    strength_value,
+)
 
 GATES = gate_kinds()  # the gate kinds registered by steerwise itself: none first, then by name
 
@@ -67,7 +85,10 @@ class FitOptions(Options):
     recipe's position policy, whether the first real token of each sequence is steered
     (``"steer"``) or left alone (``"skip"``) (``steerwise.positions``); ``sink_free``: keep each
     text's first real token, the attention sink, out of every statistic the fit computes
-    (``steerwise.activations``; default)."""
+    (``steerwise.activations``; default); ``default_strength``: a number, or ``"auto"``: held out
+    ``strength_holdout`` of the target and control texts (or read ``fit``'s ``strength_texts``)
+    and store the largest λ whose perplexity on them stays within ``strength_budget`` of the
+    unsteered one (``steerwise.strength``)."""
 
     method: str = option("caa", "how to steer: the map fitted per site (docs/methods.md)",
                          cli=False)
@@ -83,8 +104,22 @@ class FitOptions(Options):
                              type=positive_int)
     max_length: int | None = option(None, "tokens per text at most (default: the model's)",
                                     cli=False)
-    default_strength: float = option(1.0, "default strength saved in the recipe",
-                                     flag="--strength", type=finite_float)
+    default_strength: float | str = option(
+        1.0, "a number, or 'auto' (the largest λ whose perplexity on held-out target and "
+        "control texts stays within --strength-budget of the unsteered one; docs/algorithms.md, "
+        "'Default strength'): the default strength saved in the recipe",
+        flag="--strength", type=strength_value, metavar="{NUMBER,auto}")
+    strength_budget: float = option(
+        0.05, "with --strength auto: the allowed relative rise of the held-out perplexity "
+        "(0.05 = +5 %%)", type=positive_float)
+    strength_holdout: float = option(
+        0.25, "with --strength auto: the share of the target and of the control texts held out "
+        "of the fit to choose the strength on", type=open_unit_interval)
+    strength_max: float = option(64.0, "with --strength auto: the largest λ searched",
+                                 type=positive_float)
+    strength_evals: int = option(
+        10, "with --strength auto: steered perplexity evaluations at most (besides the "
+        "unsteered one)", type=int_at_least(2))
     dsas: DSASOptions = option(default_factory=DSASOptions, cli=False)
     map_options: dict[str, Any] = option(default_factory=dict, cli=False)
     lineas: LinEASOptions = option(default_factory=LinEASOptions, cli=False)
@@ -197,9 +232,14 @@ def fit(
     options: FitOptions | None = None,
     *,
     progress: bool = True,
+    strength_texts: Sequence[str] | None = None,
     **overrides: Any,
 ) -> Recipe:
     """Fit a steering recipe. Keyword overrides set fields of ``FitOptions``.
+
+    With ``default_strength="auto"`` the recipe's default strength is chosen on held-out benign
+    texts: ``strength_texts`` when given, else a ``strength_holdout`` share of the target and of
+    the control texts, drawn with ``dsas.seed`` and kept out of the fit (``steerwise.strength``).
 
     Example: ``fit(model, tok, toxic, neutral, method="caa", gate="dsas", layers="1-4")``.
     """
@@ -209,8 +249,18 @@ def fit(
     map_opts = map_cls.options(opts.map_options)
     gating.options(opts)  # checked before any activation is collected
     source, control, target = _check_sets(opts, gating, source, control, target)
+    held_out, held_out_from = None, None
+    if opts.default_strength == AUTO:
+        source, control, target, held_out, held_out_from = _hold_out(
+            opts, gating, source, control, target, strength_texts)
+    elif strength_texts is not None:
+        raise ValueError("strength_texts are read only with default_strength='auto'")
     if opts.chat is not None:
         source, control, target = _render_chat(tokenizer, opts.chat, source, control, target)
+        if held_out is not None:
+            from .chat import format_chat
+
+            held_out = format_chat(tokenizer, held_out, opts.chat)
     end_to_end = map_cls.end_to_end or gating.trains_end_to_end
     if end_to_end:
         opts.lineas.check()
@@ -243,18 +293,67 @@ def fit(
         fit_info["training"] = trainer.train(ctx, entries)
     entries = gating.finish(entries, fitted, acts_s, acts_c, ctx)
     _diagnose(entries, opts, acts_s, acts_t)
+    norms = median_token_norms(model, tokenizer, source, [e.site for e in entries],
+                               batch_size=opts.batch_size, max_length=opts.max_length,
+                               sink_free=opts.sink_free)
+    for e in entries:
+        e.diagnostics["token_norm_median"] = norms[e.site.name]
     for msg in gating.warnings(entries, opts):
         warnings.warn(msg)
         fit_info["warning"] = msg
-    return Recipe(
+    recipe = Recipe(
         model=ModelIdentity.of(model),
         entries=entries,
         method=opts.method,
         gate=opts.gate,
-        default_strength=opts.default_strength,
+        default_strength=1.0 if held_out is not None else float(opts.default_strength),
         fit_info=fit_info,
         first_token=opts.first_token,
     )
+    if held_out is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            search = search_strength(
+                model, tokenizer, recipe, held_out, budget=opts.strength_budget,
+                strength_max=opts.strength_max, evals=opts.strength_evals,
+                batch_size=opts.batch_size, max_length=opts.max_length, progress=progress)
+        for w in caught:
+            warnings.warn(w.message)
+            fit_info["warning"] = str(w.message)
+        recipe.default_strength = search.strength
+        fit_info["strength"] = {**search.to_json(), "held_out": held_out_from}
+    return recipe
+
+
+def _hold_out(
+    opts: FitOptions, gating: GateFitter, source: list[str], control: list[str] | None,
+    target: list[str], strength_texts: Sequence[str] | None,
+) -> tuple[list[str], list[str] | None, list[str], list[str], str]:
+    """The sets to fit on, the held-out texts the default strength is chosen on, and where
+    these come from: ``strength_texts`` as given, else a ``strength_holdout`` share of the
+    target and of the control texts (a target that is the control set is split once)."""
+    if strength_texts is not None:
+        given = _check_texts("strength_texts", strength_texts)
+        return source, control, target, given, f"{len(given)} strength_texts"  # type: ignore
+    share, seed = opts.strength_holdout, opts.dsas.seed
+    target_is_control = target is control
+    held: list[str] = []
+    parts = []
+    if not target_is_control:
+        target, held_t = split_held_out(target, share, seed + 1, "target")
+        held += held_t
+        parts.append(f"{len(held_t)} target")
+    if control is not None:
+        control, held_c = split_held_out(control, share, seed, "control")
+        held += held_c
+        parts.append(f"{len(held_c)} control")
+    if target_is_control:
+        target = control  # type: ignore[assignment]
+    source, control, target = _check_sets(opts, gating, source, control,
+                                          None if target is control else target)
+    return source, control, target, held, (
+        " and ".join(parts) + f" texts held out of the fit (strength_holdout {share:g}, "
+        f"seed {seed})")
 
 
 def _options(options: FitOptions | None, overrides: dict[str, Any]) -> FitOptions:
@@ -272,6 +371,9 @@ def _options(options: FitOptions | None, overrides: dict[str, Any]) -> FitOption
     if opts.gate not in GATE_FITTERS:
         raise ValueError(f"unknown gate {opts.gate!r}; known: {', '.join(GATE_FITTERS)}")
     check_first_token(opts.first_token)
+    opts.default_strength = check_default_strength(opts.default_strength)
+    check_search_options(opts.strength_budget, opts.strength_holdout, opts.strength_max,
+                         opts.strength_evals)
     return opts
 
 

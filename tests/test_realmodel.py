@@ -223,3 +223,65 @@ def test_the_server_answers_on_the_real_model(real, recipe):
 # Added by the lead after merging the sink-free statistics and first-token steering branches:
 # a statistic does not move when the first token's activation changes; the policy's effect on the
 # first token's hidden state. Use the `real` and `recipe` fixtures above.
+
+
+@pytest.mark.parametrize("layer", [3, 9])
+def test_statistics_do_not_see_the_first_tokens_activation(real, layer):
+    """On Gemma the first token (<bos>) holds the attention sink: a residual norm 5-16x the
+    median token's. Fitted statistics leave it out: overwriting its activation at the site leaves
+    every pooling bit-identical (and moves them when the first token is kept in, so the check
+    can fail)."""
+    from steerwise.activations import collect_activations
+    from steerwise.hooks import rewrite_output
+    from steerwise.sites import resolve_sites
+
+    model, tok = real
+    site = resolve_sites(model, "residual", [layer])[0]
+    texts = ["You are such a", "The weather in London today is", "I love my dog so much"]
+
+    def pooled(sink_free: bool, poke: bool) -> dict[str, torch.Tensor]:
+        def hook(module, args, output):
+            def bump(x):
+                x = x.clone()
+                x[:, 0] += 1e4  # left padding is not used here: position 0 is the first token
+                return x
+            return rewrite_output(output, site.tuple_index, bump, "test")
+
+        h = model.get_submodule(site.module).register_forward_hook(hook) if poke else None
+        try:
+            out = collect_activations(model, tok, texts, [site], pooling=("mean", "last", "tokens"),
+                                      batch_size=1, progress=False, sink_free=sink_free)
+        finally:
+            if h is not None:
+                h.remove()
+        return out[site.name]
+
+    clean, poked = pooled(True, False), pooled(True, True)
+    for how in ("mean", "last", "tokens"):
+        assert torch.equal(clean[how], poked[how]), how
+    assert not torch.equal(pooled(False, False)["mean"], pooled(False, True)["mean"])
+
+
+def test_first_token_policy_on_the_real_model(real, recipe):
+    """first_token='skip' leaves the first token's hidden states bit for bit unsteered (the gate
+    opens on <bos> otherwise) and steers the rest; 'steer' steers it too."""
+    import dataclasses
+
+    model, tok = real
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+
+    def hidden(r):
+        with torch.no_grad():
+            if r is None:
+                out = model(input_ids=ids, output_hidden_states=True)
+            else:
+                with r.apply(model, strength=STRENGTH):
+                    out = model(input_ids=ids, output_hidden_states=True)
+        return out.hidden_states[-1]
+
+    plain = hidden(None)
+    skip = hidden(dataclasses.replace(recipe, first_token="skip"))
+    steer = hidden(dataclasses.replace(recipe, first_token="steer"))
+    assert torch.equal(skip[:, 0], plain[:, 0])
+    assert not torch.equal(steer[:, 0], plain[:, 0])
+    assert not torch.allclose(skip[:, 1:], plain[:, 1:])

@@ -2,6 +2,9 @@
 
 * ``corpus_perplexity``: held-out running text (e.g. WikiText articles) cut into non-overlapping
   windows of ``window`` tokens, each scored on its own; perplexity = exp(mean token NLL).
+* ``text_perplexity``: whole texts, each scored on its own as a fit reads it (with the tokenizer's
+  special tokens, so a BOS where the tokenizer adds one); every token after the first is scored.
+  ``fit`` chooses a recipe's default strength with it (``steerwise.strength``).
 * ``continuation_logprobs``: log p(continuation | context) per pair, the building block of
   conditional perplexity (held-out non-toxic continuations given their prompts) and of MMLU
   log-likelihood scoring.
@@ -22,7 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..activations import bos_prefix, ensure_pad_token, forward_kwargs, max_model_length, pad_batch
+from ..activations import (
+    bos_prefix,
+    ensure_pad_token,
+    forward_kwargs,
+    max_model_length,
+    pad_batch,
+    tokenize,
+)
 from ..recipe import Recipe
 
 
@@ -109,6 +119,35 @@ def corpus_perplexity(
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         raise ValueError("the text is shorter than 2 tokens")
+    with steered(model, recipe, strength):
+        sums, counts = _score_rows(model, rows, [len(r) - 1 for r in rows],
+                                   tokenizer.pad_token_id, batch_size, progress, "perplexity")
+    n = int(counts.sum())
+    nll = -float(sums.sum()) / n
+    return Perplexity(math.exp(nll), nll, n)
+
+
+def text_perplexity(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    recipe: Recipe | None = None,
+    strength: float | None = None,
+    *,
+    max_length: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Perplexity:
+    """Perplexity of ``texts``, each scored on its own: tokenized as ``fit`` tokenizes (the
+    tokenizer's special tokens added, cut from the left to ``max_length`` tokens), every token
+    after the first scored; perplexity = exp(mean token NLL over all texts)."""
+    if len(texts) == 0:
+        raise ValueError("no texts to measure perplexity on")
+    ensure_pad_token(tokenizer)
+    rows = tokenize(tokenizer, texts, max_length or max_model_length(model, tokenizer))
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError("every text is shorter than 2 tokens: nothing to score")
     with steered(model, recipe, strength):
         sums, counts = _score_rows(model, rows, [len(r) - 1 for r in rows],
                                    tokenizer.pad_token_id, batch_size, progress, "perplexity")
