@@ -213,6 +213,69 @@ def test_a_toy_recipe_saves_loads_and_steers_identically(fitted, tmp_path):
     assert torch.equal(a, b) and not torch.allclose(a, base)
 
 
+# ---- docs/extending.md: adding a backend ---------------------------------------------------------
+from steerwise.compile import Backend, check_backend, compile_steering
+from steerwise.hooks import rewrite_output
+from steerwise.positions import first_token_keep
+
+TOY_BACKEND = Backend("the toy backend", external_gates=False,
+                      external_reason="keeps no per-sequence state")
+
+
+def run_steered(model, recipes, routes, ids, mask):
+    compiled = compile_steering(recipes, model)
+    check_backend(compiled, TOY_BACKEND)
+    index = torch.tensor([0 if name is None else compiled.names.index(name) for name, _ in routes])
+    strength = torch.tensor([0.0 if name is None else s for name, s in routes])
+    per_token = strength[:, None].expand(ids.shape)
+    skip = torch.tensor(compiled.skip_first)[index]  # rows whose recipe leaves the first token
+    per_token = torch.where(skip[:, None], per_token * first_token_keep(mask, *ids.shape),
+                            per_token)
+    handles = []
+    for cs in compiled.sites:
+        def hook(module, args, output, cs=cs):
+            return rewrite_output(output, cs.site.tuple_index,
+                                  lambda x: steer(x, cs.stack, per_token, index[:, None])[0],
+                                  cs.site.name)
+        handles.append(model.get_submodule(cs.site.module).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+# ---- end of the backend --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_token", ["steer", "skip"])
+def test_the_toy_backend_gives_the_hf_hooks_logits(fitted, first_token):
+    """run_steered (compile_steering + routing + the kernel) equals the HF hooks on a left-padded
+    batch with one row steered and one not, whatever the position policy."""
+    import dataclasses
+
+    from steerwise.activations import pad_batch
+    from steerwise.recipe import apply_recipes
+
+    model, tok, recipe = fitted
+    recipe = dataclasses.replace(recipe, first_token=first_token)
+    rows = [tok(t)["input_ids"] for t in (PROMPT, "sweet apple fruit")]
+    ids, mask = pad_batch(rows, tok.pad_token_id, torch.device("cpu"))
+    assert int(mask[1].argmax()) > 0  # the second row is left-padded
+    routes = [("toy", 3.0), (None, 0.0)]
+    got = run_steered(model, {"toy": recipe}, routes, ids, mask)
+    with torch.no_grad():
+        with apply_recipes(model, {"toy": recipe}) as handle:
+            handle.route(["toy", None], [3.0, 0.0])
+            want = model(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], plain[1]) and not torch.allclose(got[0], plain[0])
+    with pytest.raises(ValueError, match="toy backend keeps no per-sequence state"):
+        cast = fit(model, tok, SOURCE, CONTROL, method="caa", gate="cast", layers="1-2",
+                   progress=False)
+        run_steered(model, {"cast": cast}, [("cast", 1.0), (None, 0.0)], ids, mask)
+
+
 def test_the_docs_show_the_code_this_file_runs():
     doc = (Path(__file__).parents[1] / "docs" / "extending.md").read_text(encoding="utf-8")
     here = {line.strip() for line in Path(__file__).read_text(encoding="utf-8").splitlines()}
