@@ -263,25 +263,21 @@ def test_statistics_do_not_see_the_first_tokens_activation(real, layer):
 
 
 def test_first_token_policy_on_the_real_model(real, recipe):
-    """first_token='skip' leaves the first token's hidden states bit for bit unsteered (the gate
-    opens on <bos> otherwise) and steers the rest; 'steer' steers it too."""
+    """first_token='skip' leaves the first token's output bit for bit unsteered (the gate opens
+    on <bos> otherwise) and steers the rest; 'steer' steers it too. (Logits, not
+    output_hidden_states: transformers records hidden states with hooks of its own, before or
+    after the steering's depending on their order.)"""
     import dataclasses
 
     model, tok = real
     ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    plain = logits(model, ids)
 
-    def hidden(r):
-        with torch.no_grad():
-            if r is None:
-                out = model(input_ids=ids, output_hidden_states=True)
-            else:
-                with r.apply(model, strength=STRENGTH):
-                    out = model(input_ids=ids, output_hidden_states=True)
-        return out.hidden_states[-1]
+    def steered(policy):
+        with dataclasses.replace(recipe, first_token=policy).apply(model, strength=STRENGTH):
+            return logits(model, ids)
 
-    plain = hidden(None)
-    skip = hidden(dataclasses.replace(recipe, first_token="skip"))
-    steer = hidden(dataclasses.replace(recipe, first_token="steer"))
+    skip, steer = steered("skip"), steered("steer")
     assert torch.equal(skip[:, 0], plain[:, 0])
     assert not torch.equal(steer[:, 0], plain[:, 0])
     assert not torch.allclose(skip[:, 1:], plain[:, 1:])
