@@ -119,6 +119,12 @@ def corpus_perplexity(
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         raise ValueError("the text is shorter than 2 tokens")
+    return _rows_perplexity(model, tokenizer, rows, recipe, strength, batch_size, progress)
+
+
+def _rows_perplexity(model: nn.Module, tokenizer, rows: list[list[int]], recipe: Recipe | None,
+                     strength: float | None, batch_size: int, progress: bool) -> Perplexity:
+    """exp(mean NLL) of every token of ``rows`` after each row's first."""
     with steered(model, recipe, strength):
         sums, counts = _score_rows(model, rows, [len(r) - 1 for r in rows],
                                    tokenizer.pad_token_id, batch_size, progress, "perplexity")
@@ -148,12 +154,7 @@ def text_perplexity(
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         raise ValueError("every text is shorter than 2 tokens: nothing to score")
-    with steered(model, recipe, strength):
-        sums, counts = _score_rows(model, rows, [len(r) - 1 for r in rows],
-                                   tokenizer.pad_token_id, batch_size, progress, "perplexity")
-    n = int(counts.sum())
-    nll = -float(sums.sum()) / n
-    return Perplexity(math.exp(nll), nll, n)
+    return _rows_perplexity(model, tokenizer, rows, recipe, strength, batch_size, progress)
 
 
 def continuation_logprobs(
