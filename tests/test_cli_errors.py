@@ -308,3 +308,15 @@ def test_explain_on_a_colour_terminal_colours_the_tokens(recipe_dir, monkeypatch
     assert _explain(recipe_dir) == 0
     out = capsys.readouterr().out
     assert "gate per token" not in out and "\x1b[" in out and "48;2;" in out  # background colours
+
+
+def test_export_without_the_gguf_package_is_one_line(monkeypatch):
+    """llama.cpp control vectors are GGUF files: without the gguf package, export says how to
+    install it instead of raising ImportError."""
+    import sys
+
+    from steerwise.export import ExportError, _gguf
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(ExportError, match=r"pip install 'steerwise\[gguf\]'"):
+        _gguf()
