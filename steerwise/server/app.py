@@ -9,7 +9,6 @@ OpenAI client's ``extra_body``). Every refusal is a 4xx with OpenAI's error body
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import secrets
 import socket
@@ -28,7 +27,12 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineClosedError, Event, Job, QueueFullError
-from .policy import SteeringFieldError, check_default_recipe, resolve_steering
+from .policy import (  # noqa: F401 (exposure_warning: imported from here by callers)
+    SteeringFieldError,
+    check_default_recipe,
+    exposure_warning,
+    resolve_steering,
+)
 from .schemas import APIError, ChatRequest, CompletionRequest, ServerConfig, error_body
 
 if TYPE_CHECKING:
@@ -115,20 +119,6 @@ class EventStream(StreamingResponse):
             group.start_soon(stream)
             await self.listen_for_disconnect(receive)
             group.cancel_scope.cancel()
-
-
-def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """A warning when the server is reachable beyond this machine without an API key."""
-    if api_key:
-        return None
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if loopback:
-        return None
-    return (f"serving on {host} without --api-key: anyone who can reach this address can use "
-            f"the model; pass --api-key or bind 127.0.0.1")
 
 
 # ---- the app --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ field gets the same answer, status and message included, from either engine.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,6 +54,20 @@ class SteeringFieldError(ValueError):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, param=self.param, code=self.code)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server is reachable beyond this machine without an API key."""
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"serving on {host} without --api-key: anyone who can reach this address can use "
+            f"the model; pass --api-key or bind 127.0.0.1")
 
 
 def check_default_recipe(config: ServerConfig, names) -> None:
