@@ -121,7 +121,7 @@ def resolve_steering(
         strength = recipes[recipe]
     if strength is not None and (not math.isfinite(strength)
                                  or abs(strength) > config.max_strength):
-        raise SteeringFieldError(f"strength must be a finite number within "
+        raise SteeringFieldError(f"steering.strength must be a finite number within "
                                  f"±{config.max_strength}, got {strength}", "steering.strength")
     explain = field.get("explain", False)
     if not isinstance(explain, bool):

@@ -15,12 +15,12 @@ docs/vllm.md and docs/serving.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import runpy
 import sys
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 
 from ..server.cli import parse_recipe_args, warn_exposure
@@ -101,7 +101,7 @@ def server_argv(args: argparse.Namespace) -> tuple[dict[str, Path], list[str], d
 def serve(args: argparse.Namespace) -> int:
     """``steerwise serve --engine vllm``: vLLM's server in this process (returns when it stops)."""
     recipes, options, env = server_argv(args)
-    if importlib.util.find_spec("vllm") is None:
+    if find_spec("vllm") is None:
         raise ImportError(INSTALL_HINT)
     argv = vllm_argv(recipes, options)  # loads each recipe: a bad directory is one line here
     warn_exposure(exposure_warning(args.host, args.api_key))
