@@ -28,6 +28,7 @@ BAD_FIELDS = [
     {"recipe": RECIPE, "strength": 9.5},  # |strength| above the max
     {"recipe": RECIPE, "strength": -9.5},
     {"recipe": RECIPE, "strength": NAN},  # NaN in the JSON
+    {"recipe": RECIPE, "strength": 10**400},  # beyond floats
     RECIPE,  # not an object
     [RECIPE, 1],
     3,

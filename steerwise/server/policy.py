@@ -113,6 +113,11 @@ def resolve_steering(
                                  not isinstance(strength, (int, float))):
         raise SteeringFieldError(f"steering.strength must be a number, got {_json_type(strength)}",
                                  "steering.strength")
+    if strength is not None:
+        try:
+            strength = float(strength)
+        except OverflowError:  # an integer beyond floats
+            strength = math.inf
     if strength is None:
         strength = config.default_strength
     if strength is None and recipe is None:
