@@ -41,7 +41,7 @@ BAD_FIELDS = [
 
 
 # ---- the vLLM side: the middleware in front of a fake vLLM app --------------------------------
-def drive(middleware_cls, body: bytes, path: str = "/v1/completions", **attrs):
+def drive(middleware_cls, body: bytes, path: str = "/v1/completions", headers=(), **attrs):
     """(status, JSON body, body the inner app got) of one POST through the middleware."""
     got = {}
 
@@ -68,7 +68,7 @@ def drive(middleware_cls, body: bytes, path: str = "/v1/completions", **attrs):
 
     scope = {"type": "http", "method": "POST", "path": path,
              "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}
+                         (b"content-length", str(len(body)).encode()), *headers]}
     asyncio.run(app(scope, receive, send))
     status = sent[0]["status"]
     headers = dict(sent[0]["headers"])
@@ -189,6 +189,24 @@ def test_middleware_passes_good_requests_and_other_routes():
     status, _, inner = drive(SteeringMiddleware, raw, path="/v1/embeddings",
                              recipes={RECIPE: 2.5}, config=ServerConfig())
     assert status == 200 and inner == {"steering": "not checked here"}
+
+
+def test_middleware_answers_no_client_without_the_api_key(monkeypatch):
+    """With a key, a request without it goes on untouched to vLLM's 401 (which sits inside
+    this middleware): no steering error, no recipe name, for a client without the key."""
+    from steerwise.vllm.middleware import SteeringMiddleware
+
+    monkeypatch.setenv("VLLM_API_KEY", "s3cret")
+    body = json.dumps({"steering": {"recipe": "nope"}}).encode()
+    known = {"recipes": {RECIPE: 1.0}}
+    for auth in (None, b"Bearer wrong", b"Basic s3cret", b"s3cret"):
+        headers = [] if auth is None else [(b"authorization", auth)]
+        status, _, inner = drive(SteeringMiddleware, body, headers=headers, **known)
+        assert status == 200 and inner == {"steering": {"recipe": "nope"}}
+    status, out, _ = drive(SteeringMiddleware, body,
+                           headers=[(b"authorization", b"Bearer s3cret")], **known)
+    assert status == 400 and out["error"]["code"] == "unknown_recipe"
+    assert SteeringMiddleware(None).authorized({"path": "/health", "headers": []})  # not guarded
 
 
 def test_middleware_reads_the_server_settings_from_the_environment(monkeypatch):

@@ -14,6 +14,10 @@ On ``POST .../completions`` and ``.../chat/completions`` it
 - adds the ``cache_salt`` of the steering (``steerwise.vllm.cache_salt``), keeping a client's own
   salt in front, so prefix caching never reuses KV blocks computed under another steering.
 
+With an API key (``VLLM_API_KEY``, where ``steerwise serve --engine vllm`` puts ``--api-key``), a
+request without the key passes through untouched, to vLLM's own 401: a bad steering field is
+never answered (and the loaded recipe names never listed) to a client without the key.
+
 The recipe names come from ``STEERWISE_VLLM_RECIPES`` (set by ``engine_args`` in this process),
 the server's defaults and bound from ``STEERWISE_VLLM_SERVER`` (set by ``steerwise serve
 --engine vllm``; absent: ``ServerConfig``'s). Anything else passes through untouched.
@@ -21,8 +25,10 @@ the server's defaults and bound from ``STEERWISE_VLLM_SERVER`` (set by ``steerwi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +37,7 @@ from . import ENV_SERVER, cache_salt, known_recipes
 from .runtime import XARG_RECIPE, XARG_STRENGTH
 
 _PATHS = ("/completions", "/chat/completions")
+GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")  # the paths vLLM's API key guards
 SERVER_FIELDS = ("default_recipe", "default_strength", "max_strength")  # what ENV_SERVER holds
 
 
@@ -88,10 +95,24 @@ class SteeringMiddleware:
         self.app = app
         self.recipes = known_recipes()
         self.config = server_config(os.environ.get(ENV_SERVER))
+        key = os.environ.get("VLLM_API_KEY")
+        self.keys = [_digest(key)] if key else []
+
+    def authorized(self, scope: dict) -> bool:
+        """Whether vLLM's API-key check (``AuthenticationMiddleware``) lets this request in."""
+        path = str(scope.get("path", "")).removeprefix(scope.get("root_path", ""))
+        if not self.keys or not path.startswith(GUARDED_PREFIX):
+            return True
+        value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        given, match = _digest(token), False
+        for key in self.keys:  # every key compared, in constant time (as vLLM does)
+            match |= secrets.compare_digest(given, key)
+        return scheme.lower() == "bearer" and match
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if (scope.get("type") != "http" or scope.get("method") != "POST"
-                or not str(scope.get("path", "")).endswith(_PATHS)):
+                or not str(scope.get("path", "")).endswith(_PATHS) or not self.authorized(scope)):
             await self.app(scope, receive, send)
             return
         chunks = []
@@ -118,6 +139,10 @@ class SteeringMiddleware:
         headers.append((b"content-length", str(len(body)).encode()))
         message = {"type": "http.request", "body": body, "more_body": False}
         await self.app({**scope, "headers": headers}, _replay([message], receive), send)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def _replay(messages: list[dict], receive: Any):
