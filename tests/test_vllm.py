@@ -252,7 +252,9 @@ def test_first_token_skip_parity_with_hf(testbed, tmp_path):
 def test_server_takes_the_steering_field(testbed, tmp_path):
     """``steerwise serve --engine vllm``: vLLM's OpenAI server with the worker, the validator and
     the middleware; ``"steering": {recipe, strength}`` steers exactly as HF; an unknown recipe or
-    a strength beyond ``--max-strength`` gets the HF server's 400 and error body."""
+    a strength beyond ``--max-strength`` gets the HF server's 400 and error body; with
+    ``STEERWISE_API_KEY`` set, a request without the key gets vLLM's 401 even when its steering
+    field is bad (the middleware sits outside vLLM's key check)."""
     import socket
     import subprocess
     import sys
@@ -270,12 +272,13 @@ def test_server_takes_the_steering_field(testbed, tmp_path):
            "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--max-strength", "10",
            "--", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
            "--max-model-len", "256", "--block-size", "32"]
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(tb["cache"])}
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tb["cache"]), "STEERWISE_API_KEY": "k3y"}
     url = f"http://127.0.0.1:{port}"
 
-    def post(body: dict) -> dict:
+    def post(body: dict, key: str = "k3y") -> dict:
         req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json",
+                                      "Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
 
@@ -322,6 +325,10 @@ def test_server_takes_the_steering_field(testbed, tmp_path):
                       "steering": {"recipe": name, "strength": 12.0}})
             assert err.value.code == 400
             assert json.loads(err.value.read()) == {"error": error}
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post({**base, "prompt": tb["ids"][0],
+                      "steering": {"recipe": name, "strength": 12.0}}, key="wrong")
+            assert err.value.code == 401 and name not in err.value.read().decode()
     finally:
         proc.terminate()
         try:

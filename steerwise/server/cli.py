@@ -114,6 +114,7 @@ def warn_exposure(warning: str | None) -> None:
 
 def register(sub) -> None:
     from ..cli import add_model_args, finite_float, non_negative_int, positive_float, positive_int
+    from ..models import DEFAULT_MODEL
     from .policy import ServerConfig
 
     d = ServerConfig()
@@ -127,6 +128,13 @@ def register(sub) -> None:
                         "the recipes (needs vLLM; docs/vllm.md)")
     add_model_args(p)
     p.set_defaults(model=None, dtype=None)  # None: not given (--engine vllm passes only given ones)
+    notes = {"model": f" (default: {DEFAULT_MODEL}; --engine vllm: required)",
+             "dtype": " (default: float32; --engine vllm: vLLM's)"}
+    for action in p._actions:
+        if action.dest in notes:
+            action.help += notes[action.dest]
+        elif action.dest in ("device", "gguf_file"):
+            action.help = "[hf] " + action.help
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=DIR",
                    help="a recipe a request may name (repeatable); requests can never give paths")
     p.add_argument("--demo", action="store_true",
