@@ -173,7 +173,13 @@ def test_middleware_applies_the_server_defaults():
     # vLLM's own field wins over the server default (and is checked by the validator)
     own = rewrite_request({"prompt": "x", "vllm_xargs": {"steering_recipe": "z"}}, known, config)
     assert own["vllm_xargs"] == {"steering_recipe": "z"}
-    with pytest.raises(SteeringFieldError, match="only|HF engine"):
+    both = rewrite_request({"steering": {"strength": 2}, "vllm_xargs": {"steering_recipe": RECIPE}},
+                           known, config)
+    assert both["vllm_xargs"] == {"steering_recipe": RECIPE, "steering_strength": 2.0}
+    with pytest.raises(SteeringFieldError, match="disagree"):
+        rewrite_request({"steering": {"recipe": RECIPE}, "vllm_xargs": {"steering_recipe": "z"}},
+                        known, config)
+    with pytest.raises(SteeringFieldError, match="HF engine"):
         rewrite_request({"steering": {"recipe": RECIPE, "explain": True}}, known, config)
 
 

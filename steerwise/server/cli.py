@@ -40,6 +40,11 @@ def demo_recipe(model, tokenizer, n_fit: int = 32):
                site="residual", progress=False, probe_accuracy=False, default_strength=5.0)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``STEERWISE_API_KEY``, else None."""
+    return args.api_key or os.environ.get("STEERWISE_API_KEY") or None
+
+
 def build_server(args: argparse.Namespace):
     """(app, engine, config) from parsed ``serve`` arguments."""
     from ..models import DEFAULT_MODEL, load_model
@@ -61,7 +66,7 @@ def build_server(args: argparse.Namespace):
     config = ServerConfig(
         model_name=args.served_name or model_id, default_recipe=args.default_recipe,
         default_strength=args.strength, max_strength=args.max_strength,
-        api_key=args.api_key, **limits,
+        api_key=api_key(args), **limits,
     )
     engine = Engine(model, tok, recipes, max_batch=config.max_batch, max_queue=config.max_queue,
                     joining=False if args.no_joining else None)
@@ -76,7 +81,7 @@ def build_server(args: argparse.Namespace):
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .policy import exposure_warning
 
-    args.api_key = args.api_key or os.environ.get("STEERWISE_API_KEY") or None
+    args.api_key = api_key(args)
     if args.vllm_args and args.vllm_args[0] == "--":
         args.vllm_args = args.vllm_args[1:]
     if args.engine == "vllm":

@@ -61,6 +61,8 @@ def rewrite_request(data: Any, recipes: Mapping[str, float] | None = None,
     if xargs is not None and not isinstance(xargs, dict):
         return data  # vLLM's own validation reports it
     xargs = dict(xargs or {})
+    if isinstance(steering, dict) and "recipe" not in steering and XARG_RECIPE in xargs:
+        steering = {**steering, "recipe": xargs[XARG_RECIPE]}  # the strength of vLLM's recipe
     if given or XARG_RECIPE not in xargs:  # the steering field, or the server's default
         recipe, strength, explain = resolve_steering(steering, recipes, config)
         if explain:
