@@ -250,8 +250,11 @@ def test_first_token_skip_parity_with_hf(testbed, tmp_path):
 @needs_shared
 @pytest.mark.slow
 def test_server_takes_the_steering_field(testbed, tmp_path):
-    """``python -m steerwise.vllm.serve``: vLLM's OpenAI server with the worker, the validator and
-    the middleware; ``"steering": {recipe, strength}`` steers exactly as HF; unknown → 400."""
+    """``steerwise serve --engine vllm``: vLLM's OpenAI server with the worker, the validator and
+    the middleware; ``"steering": {recipe, strength}`` steers exactly as HF; an unknown recipe or
+    a strength beyond ``--max-strength`` gets the HF server's 400 and error body; with
+    ``STEERWISE_API_KEY`` set, a request without the key gets vLLM's 401 even when its steering
+    field is bad (the middleware sits outside vLLM's key check)."""
     import socket
     import subprocess
     import sys
@@ -264,17 +267,18 @@ def test_server_takes_the_steering_field(testbed, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "steerwise.vllm.serve",
-           "--recipe", f"detox={tb['paths']['detox']}", "--", "--model", str(TESTBED),
-           "--dtype", "float32", "--enforce-eager",
-           "--kv-cache-memory-bytes", str(1 << 30), "--max-model-len", "256", "--block-size", "32",
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(tb["cache"])}
+    cmd = [sys.executable, "-m", "steerwise.cli", "serve", "--engine", "vllm",
+           "--model", str(TESTBED), "--recipe", f"detox={tb['paths']['detox']}",
+           "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--max-strength", "10",
+           "--", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
+           "--max-model-len", "256", "--block-size", "32"]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tb["cache"]), "STEERWISE_API_KEY": "k3y"}
     url = f"http://127.0.0.1:{port}"
 
-    def post(body: dict) -> dict:
+    def post(body: dict, key: str = "k3y") -> dict:
         req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json",
+                                      "Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
 
@@ -306,10 +310,25 @@ def test_server_takes_the_steering_field(testbed, tmp_path):
             assert cut(steered["choices"][0]["token_ids"], eos) == want
             assert cut(xargs["choices"][0]["token_ids"], eos) == want
             assert cut(plain["choices"][0]["token_ids"], eos) == hf_greedy(model, ids, None, 0, eos)
-        with pytest.raises(urllib.error.HTTPError) as err:
-            post({**base, "prompt": tb["ids"][0], "steering": {"recipe": "nope", "strength": 1}})
-        assert err.value.code == 400
-        assert "unknown steering recipe 'nope'" in err.value.read().decode()
+        # the HF server's answers (tests/test_serve_engines.py checks the HF app gives these)
+        refused = {
+            "nope": {"message": "unknown recipe 'nope'; this server serves: 'detox' (or null for "
+                                "unsteered)", "type": "invalid_request_error",
+                     "param": "steering.recipe", "code": "unknown_recipe"},
+            "detox": {"message": "steering.strength must be a finite number within ±10.0, got "
+                                 "12.0", "type": "invalid_request_error",
+                      "param": "steering.strength", "code": None},
+        }
+        for name, error in refused.items():
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post({**base, "prompt": tb["ids"][0],
+                      "steering": {"recipe": name, "strength": 12.0}})
+            assert err.value.code == 400
+            assert json.loads(err.value.read()) == {"error": error}
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post({**base, "prompt": tb["ids"][0],
+                      "steering": {"recipe": name, "strength": 12.0}}, key="wrong")
+            assert err.value.code == 401 and name not in err.value.read().decode()
     finally:
         proc.terminate()
         try:

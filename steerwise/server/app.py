@@ -9,9 +9,7 @@ OpenAI client's ``extra_body``). Every refusal is a 4xx with OpenAI's error body
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-import math
 import secrets
 import socket
 import threading
@@ -29,13 +27,18 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineClosedError, Event, Job, QueueFullError
+from .policy import (  # noqa: F401 (exposure_warning: imported from here by callers)
+    SteeringFieldError,
+    check_default_recipe,
+    exposure_warning,
+    resolve_steering,
+)
 from .schemas import APIError, ChatRequest, CompletionRequest, ServerConfig, error_body
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 STATIC = Path(__file__).parent / "static"
-UNSTEERED = ("none", "")
 
 
 # ---- plumbing -----------------------------------------------------------------------------------
@@ -118,26 +121,10 @@ class EventStream(StreamingResponse):
             group.cancel_scope.cancel()
 
 
-def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """A warning when the server is reachable beyond this machine without an API key."""
-    if api_key:
-        return None
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if loopback:
-        return None
-    return (f"serving on {host} without --api-key: anyone who can reach this address can use "
-            f"the model; pass --api-key or bind 127.0.0.1")
-
-
 # ---- the app --------------------------------------------------------------------------------------
 def create_app(engine, config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``Engine``) under ``config``'s bounds."""
-    if config.default_recipe is not None and config.default_recipe not in engine.recipes:
-        raise ValueError(f"default recipe {config.default_recipe!r} is not loaded; loaded: "
-                         f"{', '.join(engine.recipes) or 'none'}")
+    check_default_recipe(config, engine.recipes)
     app = FastAPI(title="steerwise", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config = engine, config
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
@@ -250,29 +237,13 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             body.max_tokens = body.max_completion_tokens
         return await _generate(request, body, list(ids), chat=True)
 
+    defaults = {name: r.default_strength for name, r in engine.recipes.items()}
+
     def _steering(body) -> tuple[str | None, float, bool]:
-        st = body.steering
-        recipe = st.recipe if st is not None else "__default__"
-        if recipe == "__default__":
-            recipe = config.default_recipe
-        elif recipe is not None and recipe.lower() in UNSTEERED:
-            recipe = None
-        if recipe is not None and recipe not in engine.recipes:
-            known = ", ".join(repr(n) for n in engine.recipes) or "none are loaded"
-            raise APIError(400, f"unknown recipe {recipe!r}; this server serves: {known} "
-                           f"(or null for unsteered)", param="steering.recipe",
-                           code="unknown_recipe")
-        strength = st.strength if st is not None else None
-        if strength is None:
-            strength = (config.default_strength if config.default_strength is not None
-                        else engine.recipes[recipe].default_strength if recipe else 0.0)
-        if not math.isfinite(strength) or abs(strength) > config.max_strength:
-            raise APIError(400, f"strength must be a finite number within ±{config.max_strength}"
-                           f", got {strength}", param="steering.strength")
-        explain = bool(st.explain) if st is not None else False
-        if explain and recipe is None:
-            raise APIError(400, "explain needs a recipe (an unsteered request has no gates)",
-                           param="steering.explain")
+        try:
+            recipe, strength, explain = resolve_steering(body.steering, defaults, config)
+        except SteeringFieldError as exc:
+            raise APIError(exc.status, exc.message, param=exc.param, code=exc.code) from None
         return recipe, float(strength), explain
 
     def _check(body, ids: list[int], chat: bool) -> tuple[int, list[str]]:

@@ -1,29 +1,17 @@
-"""Request shapes (OpenAI's, plus the ``steering`` field), server limits, and the OpenAI error
-shape ``{"error": {"message", "type", "param", "code"}}``."""
+"""Request shapes (OpenAI's, plus the ``steering`` field, read by ``policy.resolve_steering``)
+and the error answered in OpenAI's shape; the server's bounds (``ServerConfig``) and the error
+body live in ``policy`` (shared with the vLLM engine) and are re-exported here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .policy import ServerConfig, error_body
 
-@dataclass
-class ServerConfig:
-    """What the server serves and the bounds it enforces (each bound: a 4xx, never a hang)."""
-
-    model_name: str = "concept-lm"
-    default_recipe: str | None = None  # used when a request names none (None: unsteered)
-    default_strength: float | None = None  # None: the recipe's own default strength
-    max_strength: float = 20.0  # |strength| bound
-    max_tokens: int = 256  # bound on a request's max_tokens
-    default_max_tokens: int = 16  # OpenAI's completions default
-    max_prompt_tokens: int = 2048
-    max_body_bytes: int = 1_000_000
-    max_queue: int = 64  # requests waiting for a batch slot; beyond: 429
-    max_batch: int = 16  # rows decoded together
-    api_key: str | None = None
+__all__ = ["APIError", "ChatMessage", "ChatRequest", "CompletionRequest", "ServerConfig",
+           "error_body"]
 
 
 class APIError(Exception):
@@ -37,23 +25,6 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class Steering(BaseModel):
-    """The ``steering`` extra-body field. ``recipe``: a name loaded at start, or null / "none"
-    for unsteered (absent: the server's default); ``strength`` (absent: the server's default,
-    else the recipe's); ``explain``: return per-token gate values."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    recipe: str | None = "__default__"
-    strength: float | None = None
-    explain: bool = False
 
 
 class _Common(BaseModel):
@@ -72,7 +43,7 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    steering: Steering | None = None
+    steering: Any = None  # {"recipe", "strength", "explain"}: policy.resolve_steering
 
 
 class CompletionRequest(_Common):

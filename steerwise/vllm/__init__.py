@@ -30,7 +30,8 @@ from .runtime import XARG_RECIPE, XARG_STRENGTH, SteeringRequestError, parse_req
 
 WORKER_CLS = "steerwise.vllm.worker.SteeringWorker"
 VALIDATOR_CLS = "steerwise.vllm.validate:SteeringValidator"
-ENV_RECIPES = "STEERWISE_VLLM_RECIPES"
+ENV_RECIPES = "STEERWISE_VLLM_RECIPES"  # {name: default strength}, set by engine_args
+ENV_SERVER = "STEERWISE_VLLM_SERVER"  # {default_recipe, default_strength, max_strength}: serve
 
 __all__ = [
     "shutdown",
@@ -79,6 +80,13 @@ def engine_args(recipes: Mapping[str, str | os.PathLike], **overrides: Any) -> d
     overrides.pop("worker_cls", None)
     return {"worker_cls": WORKER_CLS, "additional_config": extra, "logits_processors": procs,
             **overrides}
+
+
+def known_recipes() -> dict[str, float] | None:
+    """{name: default strength} of the recipes ``engine_args`` loaded in this process (``None``
+    when it did not run here)."""
+    raw = os.environ.get(ENV_RECIPES)
+    return None if not raw else {str(k): float(v) for k, v in json.loads(raw).items()}
 
 
 def steering_args(recipe: str | None, strength: float | None = None) -> dict[str, Any]:

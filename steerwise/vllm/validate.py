@@ -10,20 +10,12 @@ environment variable (JSON ``{name: default strength}``), which ``engine_args`` 
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from . import known_recipes
 from .runtime import XARG_RECIPE, SteeringRequestError, parse_request
-
-ENV_RECIPES = "STEERWISE_VLLM_RECIPES"
-
-
-def known_recipes() -> dict[str, float] | None:
-    raw = os.environ.get(ENV_RECIPES)
-    return None if not raw else {str(k): float(v) for k, v in json.loads(raw).items()}
 
 
 class SteeringValidator(LogitsProcessor):
