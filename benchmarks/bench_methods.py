@@ -77,6 +77,7 @@ def held_out_toxic_prompts(n: int) -> list[str]:
 def timed_fit(model, tok, sets, **kw) -> tuple[Recipe, float]:
     source, target, control = sets
     t0 = time.perf_counter()
+    kw.setdefault("default_strength", 1.0)  # the maps and gates only: no strength search
     recipe = fit(model, tok, source, control, target, FitOptions(**kw), progress=False)
     return recipe, time.perf_counter() - t0
 

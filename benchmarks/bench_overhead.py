@@ -180,7 +180,9 @@ def bench_fit(name, model, tok, source, control, repeats) -> dict:
                 if k == "fwd":
                     forward_all()
                 else:
-                    fit(model, tok, source, control, method="caa", gate="dsas", progress=False)
+                    # maps and gates only: the strength search (--strength auto) is not timed
+                    fit(model, tok, source, control, method="caa", gate="dsas",
+                        default_strength=1.0, progress=False)
             (fwd if k == "fwd" else fits).append(t)
     f, p = statistics.median(t.wall for t in fits), statistics.median(t.wall for t in fwd)
     fc, pc = statistics.median(t.cpu for t in fits), statistics.median(t.cpu for t in fwd)

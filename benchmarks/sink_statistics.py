@@ -83,7 +83,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     kw = dict(method="caa", gate="none", layers=None, probe_accuracy=False,
-              batch_size=args.batch_size, progress=False)
+              batch_size=args.batch_size, default_strength=1.0, progress=False)
     old = fit(model, tok, source, target=target, sink_free=False, **kw)
     new = fit(model, tok, source, target=target, sink_free=True, **kw)
     fit_s = time.perf_counter() - t0

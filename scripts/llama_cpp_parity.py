@@ -166,7 +166,7 @@ def main() -> int:
         toxic = read_jsonl(DATA / "rtp_toxic.jsonl", 32, skip=100)
         benign = read_jsonl(DATA / "rtp_nontoxic.jsonl", 32, skip=100)
         recipe = fit(model, tok, toxic, target=benign, method="caa", gate="none",
-                     layers=f"1-{n_layers - 1}", progress=False)
+                     layers=f"1-{n_layers - 1}", default_strength=1.0, progress=False)
     fit_s = time.perf_counter() - t0
     # llama.cpp cannot steer layer 0's output: compare on the layers it can steer
     recipe = Recipe(recipe.model, [e for e in recipe.entries if e.site.layer > 0], recipe.method,

@@ -79,7 +79,8 @@ def run_demo(
     t0 = time.time()
     model, tok = load_model(model_name, device="cpu")
     sets = concepts.demo_sets(n_fit, seed=0)
-    common = {"site": "residual", "layers": layers, "progress": False}
+    # the demo steers at the strengths it is given: no default strength is searched
+    common = {"site": "residual", "layers": layers, "progress": False, "default_strength": 1.0}
     vanilla = fit(model, tok, sets["source"], sets["control"], sets["target"], gate="none", **common)
     gated = fit(model, tok, sets["source"], sets["control"], sets["target"], gate="dsas", **common)
     accs = [e.diagnostics["gate_accuracy"] for e in gated.entries]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +235,17 @@ def export_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike,
         raise ExportError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_pretrained(recipe)
-    return write_control_vector(control_vector(recipe, strength, drop_layer_0=drop_layer_0), out)
+    cv = control_vector(recipe, strength, drop_layer_0=drop_layer_0)
+    if recipe.first_token == "skip":
+        warnings.warn(FIRST_TOKEN_NOTE, stacklevel=2)
+    return write_control_vector(cv, out)
+
+
+FIRST_TOKEN_NOTE = (
+    "this recipe leaves the first token unsteered (first_token='skip', the fit default), but "
+    "llama.cpp adds a control vector at every position: with it llama.cpp also steers the first "
+    "token (the attention sink), so it steers somewhat harder than steerwise does with the "
+    "recipe (fit with --first-token steer to export exactly what steerwise applies)")
 
 
 def read_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:

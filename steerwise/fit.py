@@ -105,7 +105,7 @@ class FitOptions(Options):
     max_length: int | None = option(None, "tokens per text at most (default: the model's)",
                                     cli=False)
     default_strength: float | str = option(
-        1.0, "a number, or 'auto' (the largest λ whose perplexity on held-out target and "
+        "auto", "a number, or 'auto' (the largest λ whose perplexity on held-out target and "
         "control texts stays within --strength-budget of the unsteered one; docs/algorithms.md, "
         "'Default strength'): the default strength saved in the recipe",
         flag="--strength", type=strength_value, metavar="{NUMBER,auto}")
@@ -349,8 +349,13 @@ def _hold_out(
         parts.append(f"{len(held_c)} control")
     if target_is_control:
         target = control  # type: ignore[assignment]
-    source, control, target = _check_sets(opts, gating, source, control,
-                                          None if target is control else target)
+    try:
+        source, control, target = _check_sets(opts, gating, source, control,
+                                              None if target is control else target)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {' and '.join(parts)} texts were held out of it to choose the "
+                         f"default strength (--strength auto, the default): give more texts, a "
+                         f"smaller --strength-holdout, or a number for --strength") from None
     return source, control, target, held, (
         " and ".join(parts) + f" texts held out of the fit (strength_holdout {share:g}, "
         f"seed {seed})")

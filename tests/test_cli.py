@@ -51,7 +51,9 @@ def test_fit_then_generate_from_the_command_line(model_dir, tmp_path, capsys):
     assert "gate accuracy" in text and "residual.1" in text
     recipe = Recipe.from_pretrained(out)
     assert [e.site.layer for e in recipe.entries] == [0, 1]
-    assert recipe.fit_info["n_source"] == 6 and recipe.fit_info["n_control"] == 6
+    # --strength auto (the default) held a quarter of the control texts out of the fit
+    assert recipe.fit_info["n_source"] == 6 and recipe.fit_info["n_control"] == 4
+    assert recipe.fit_info["strength"]["strength"] == recipe.default_strength
     html = tmp_path / "g.html"
     rc = main(["generate", "--model", str(model_dir), "--recipe", str(out), "--strength", "2",
                "--explain", "--compare", "--html", str(html), "--max-new-tokens", "4",

@@ -251,7 +251,7 @@ def test_help_shows_defaults(capsys):
     assert main(["fit", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "PCA rank r of DSAS gates (default: 5)" in text
-    assert "default strength saved in the recipe (default: 1.0)" in text
+    assert "default strength saved in the recipe (default: auto)" in text
 
 
 # ------------------------------------------------------------------------- --explain as numbers

@@ -42,8 +42,8 @@ def caa(tokenizer):
     """A CAA recipe without gate on every layer of a 3-layer random Llama."""
     model = make_model("llama")
     recipe = fit(model, tokenizer, sentences(FRUIT, 8, 0), target=sentences(OTHER, 8, 1),
-                 method="caa", gate="none", progress=False)
-    recipe.default_strength = 3.0
+                 method="caa", gate="none", first_token="steer", progress=False)
+    recipe.default_strength = 3.0  # steers every position, as llama.cpp does
     return model, recipe
 
 
@@ -136,7 +136,9 @@ def test_recipe_directory_and_iti_export(tokenizer, tmp_path):
     recipe = fit(model, tokenizer, sentences(FRUIT, 8, 0), target=sentences(OTHER, 8, 1),
                  method="iti", gate="none", layers="1-2", progress=False)
     recipe.save_pretrained(tmp_path / "r")
-    out = export_recipe(tmp_path / "r", tmp_path / "iti.gguf")
+    assert recipe.first_token == "skip"  # fit's default: llama.cpp cannot skip, export says so
+    with pytest.warns(UserWarning, match=r"first_token='skip'.*llama.cpp also steers the first"):
+        out = export_recipe(tmp_path / "r", tmp_path / "iti.gguf")
     got = read_control_vector(out)
     assert sorted(got) == [1, 2]
     for e in recipe.entries:

@@ -30,7 +30,8 @@ def fitted():
     src, ctl = sentences(FRUIT, 24, 0), sentences(OTHER, 24, 1)
     # Random tiny models have activations of size ~0.01, where C=1 regularises an unwhitened
     # regression to chance; whitening makes the gate scale-free.
-    recipe = fit(model, tok, src, ctl, progress=False, dsas=DSASOptions(whiten=True))
+    recipe = fit(model, tok, src, ctl, progress=False, dsas=DSASOptions(whiten=True),
+                 default_strength=1.0)  # the whole sets (no text held out for --strength auto)
     return model, tok, recipe
 
 
@@ -116,7 +117,7 @@ def test_no_gate_fit_steers_uniformly(tokenizer):
         (dict(source="apple pear", control=["car"] * 6), TypeError, "not one string"),
         (dict(source=["apple"] * 6, control=["car"] * 6, method="nope"), ValueError, "unknown method"),
         (dict(source=["apple"] * 6, control=["car"] * 6, gate="nope"), ValueError, "unknown gate"),
-        (dict(source=["apple"] * 6, control=["car"] * 6, site="nope"), ValueError, "valid choices"),
+        (dict(source=["apple"] * 6, control=["car"] * 8, site="nope"), ValueError, "valid choices"),
         (dict(source=["apple"] * 6, control=["car"] * 6, bogus=1), TypeError, "unknown fit option"),
     ],
 )

@@ -119,6 +119,12 @@ def test_fit_caa_dsas_from_32_plus_32_texts(real, recipe):
     assert sum(e.scale > 0 for e in recipe.entries) >= 9, acc
     norms = [float(e.map.vector.norm()) for e in recipe.entries]
     assert all(torch.isfinite(torch.tensor(norms))) and min(norms) > 0
+    # the default strength (--strength auto) is chosen on held-out control text: far below 1 on
+    # this model (λ = 1 multiplies the held-out perplexity by ~1.8 gated), and within the budget
+    info = recipe.fit_info["strength"]
+    assert 0 < recipe.default_strength < 1 and not info["capped"], info
+    best = max(p["strength"] for p in info["probes"] if p["perplexity"] <= info["limit"])
+    assert best * 0.99 <= recipe.default_strength <= best  # the best probe, cut to 3 digits
 
 
 def test_recipe_applies_to_the_same_model_unquantized(recipe, tmp_path):

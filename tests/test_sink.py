@@ -161,10 +161,10 @@ def test_a_single_token_text_is_refused_with_its_index_and_set(tokenizer):
     assert out["residual.0"]["mean"].shape == (2, 32)
     with pytest.raises(ValueError, match=r"text #2 of the source set has a single token"):
         fit(model, tokenizer, ["apple pear", "pear apple", "banana"], ["car bus", "bus car"],
-            gate="none", layers=[0], progress=False)
+            gate="none", layers=[0], default_strength=1.0, progress=False)
     with pytest.raises(ValueError, match=r"text #1 of the control set has a single token"):
         fit(model, tokenizer, ["apple pear", "pear apple"], ["car bus", "bus"], gate="none",
-            layers=[0], progress=False)  # the control set serves as target here
+            layers=[0], default_strength=1.0, progress=False)  # the control set is the target
 
 
 FITS = {
@@ -215,9 +215,9 @@ def test_sink_free_false_reproduces_the_old_caa_vector(tokenizer, tmp_path):
     sites = resolve_sites(model, "residual", [1])
     with sink_overwritten(model, sites[0]):
         old = fit(model, tokenizer, SOURCE, CONTROL, method="caa", gate="none", layers=[1],
-                  sink_free=False, probe_accuracy=False, progress=False)
+                  sink_free=False, probe_accuracy=False, default_strength=1.0, progress=False)
         new = fit(model, tokenizer, SOURCE, CONTROL, method="caa", gate="none", layers=[1],
-                  probe_accuracy=False, progress=False)
+                  probe_accuracy=False, default_strength=1.0, progress=False)
         s = collect_activations(model, tokenizer, SOURCE, sites, progress=False, sink_free=False)
         c = collect_activations(model, tokenizer, CONTROL, sites, progress=False, sink_free=False)
     expected = c["residual.1"]["mean"].mean(0) - s["residual.1"]["mean"].mean(0)

@@ -74,6 +74,16 @@ def test_auto_strength_holds_out_target_and_control_and_reports_the_cap(setup):
     assert same.fit_info["strength"]["n_texts"] == 8
 
 
+def test_auto_is_the_default_and_a_holdout_that_starves_the_fit_says_so(setup):
+    model, tok, src, ctl = setup
+    recipe = fit(model, tok, src, ctl, progress=False, gate="none", strength_max=1.0)
+    assert recipe.fit_info["options"]["default_strength"] == "auto"
+    assert recipe.fit_info["n_control"] == 12 and recipe.fit_info["strength"]["n_texts"] == 4
+    with pytest.raises(ValueError, match=r"6 source and 4 control examples.*2 control texts "
+                                         r"were held out .*--strength auto, the default"):
+        fit(model, tok, src[:6], ctl[:6], progress=False)
+
+
 def test_a_number_is_kept_and_nothing_is_held_out(setup, tmp_path):
     model, tok, src, ctl = setup
     recipe = fit(model, tok, src, ctl, progress=False, gate="none", default_strength=3.0)

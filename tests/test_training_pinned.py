@@ -50,7 +50,7 @@ def _case(name: str):
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_end_to_end_training_matches_the_pinned_numbers(name):
     model, spec = _case(name)
-    opts = quick(method=spec["method"], gate=spec["gate"], sink_free=False)
+    opts = quick(method=spec["method"], gate=spec["gate"], sink_free=False, default_strength=1.0)
     opts.lineas = replace(opts.lineas, **spec["lineas"])
     if "e2e" in spec:
         opts.e2e = replace(opts.e2e, **spec["e2e"])

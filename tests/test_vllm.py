@@ -133,7 +133,8 @@ def testbed(tmp_path_factory):
     neutral = rnd.sample([r["text"] for r in rows if r["label"] == "neither"], 16)
     base = tmp_path_factory.mktemp("vllm_recipes")
     recipes = {
-        "detox": fit(model, tok, toxic, neutral, method="caa", gate="dsas", progress=False),
+        "detox": fit(model, tok, toxic, neutral, method="caa", gate="dsas", default_strength=1.0,
+                     progress=False),
         "mixed": random_recipe_qwen(model, 0),
     }
     paths = {}
@@ -427,7 +428,10 @@ def real(tmp_path_factory):
     rnd = random.Random(0)
     toxic = rnd.sample([r["text"] for r in rows if r["label"] == "offensive"], 16)
     neutral = rnd.sample([r["text"] for r in rows if r["label"] == "neither"], 16)
-    recipe = fit(model, tok, toxic, neutral, method="caa", gate="dsas", progress=False)
+    # λ = 1 as the default (not --strength auto): the parity runs at 1 and 4 × this, far on the
+    # steered side of the model
+    recipe = fit(model, tok, toxic, neutral, method="caa", gate="dsas", default_strength=1.0,
+                 progress=False)
     assert sorted(e.site.name for e in recipe.entries) == sorted(f"residual.{i}" for i in range(18))
     path = recipe.save_pretrained(tmp_path_factory.mktemp("vllm_real") / "detox")
     recipe = Recipe.from_pretrained(path)  # what the engine loads

@@ -111,8 +111,10 @@ def build_fit_options(method: str, gate: str, config: SweepConfig):
     from ...fit import FitOptions
 
     variant = gate_variant(gate, config)
+    # the sweep steers at its own λ grid: no default strength is searched (and no text held out)
+    # unless its fit_options ask for default_strength="auto"
     opts = FitOptions(method=method, gate=variant["gate"], site=config.site, layers=config.layers,
-                      batch_size=config.batch_size)
+                      batch_size=config.batch_size, default_strength=1.0)
     overrides = dict(config.fit_options)
     per_method = overrides.pop("per_method", {}).get(method, {})
     return opts.updated(_merge(_merge(overrides, per_method), variant["fit_options"]),
