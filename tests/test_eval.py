@@ -505,3 +505,16 @@ def test_scoring_puts_the_bos_back_in_front():
         P.corpus_perplexity(model, bos, "apple pear fruit " * 10, window=8)
         assert all(r[0] == 2 and len(r) <= 8 for r in seen)
         assert sum(len(r) - 1 for r in seen) == 30  # every text token scored once
+
+
+def test_sweep_fits_keep_lambda_one_unless_a_variant_asks_for_auto():
+    """The grid gives λ: a sweep's fits store λ = 1 and hold no text out (fit's own default,
+    "auto", would hold out a quarter of the target and control texts); a variant may ask."""
+    from steerwise.eval.cli import parse_gate_variant
+    from steerwise.eval.sweep.spec import SweepConfig, build_fit_options
+
+    name, variant = parse_gate_variant("auto=dsas,default_strength=auto,first_token=steer")
+    cfg = SweepConfig(methods=["caa"], gates=["dsas", name], gate_variants={name: variant})
+    plain, asked = build_fit_options("caa", "dsas", cfg), build_fit_options("caa", name, cfg)
+    assert (plain.default_strength, plain.first_token) == (1.0, "skip")
+    assert (asked.default_strength, asked.first_token) == ("auto", "steer")

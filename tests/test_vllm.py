@@ -133,8 +133,10 @@ def testbed(tmp_path_factory):
     neutral = rnd.sample([r["text"] for r in rows if r["label"] == "neither"], 16)
     base = tmp_path_factory.mktemp("vllm_recipes")
     recipes = {
+        # steers every position (fit's default skips the first token): the skip-policy test
+        # compares the two in one batch
         "detox": fit(model, tok, toxic, neutral, method="caa", gate="dsas", default_strength=1.0,
-                     progress=False),
+                     first_token="steer", progress=False),
         "mixed": random_recipe_qwen(model, 0),
     }
     paths = {}
