@@ -22,8 +22,8 @@ from torch import Tensor
 
 FIRST_TOKEN_CHOICES = ("steer", "skip")
 # The policy of new recipes (``FitOptions.first_token``, ``steerwise fit --first-token``), chosen
-# from fronts on Gemma 3 270M (docs/dsas-measured.md, "The first token: steer or skip"): at equal
-# λ skipping detoxifies as much and costs less in-domain perplexity.
+# from fronts on Gemma 3 270M (docs/dsas-measured.md, "The first token: steer or skip"): the two
+# policies' fronts tie, and at equal λ skipping costs less in-domain perplexity.
 DEFAULT_FIRST_TOKEN = "skip"
 # What a recipe without a recorded policy means: recipes saved before it existed steered every
 # position, and recipes built in code from bare entries do too.
