@@ -1,0 +1,89 @@
+"""Toxicity at equal in-domain perplexity, per seed and over seeds, from a sweep's points.
+
+    python benchmarks/real_fronts.py benchmarks/results/real-caa [--gates dsas,skip]
+        [--budgets 1.05,1.1,1.2] [--out benchmarks/results/real-caa/fronts.json]
+
+For each gate against no gate (same method): the Pareto front of toxicity vs in-domain perplexity
+(``ppl_nontoxic``) read at ``budget × unsteered`` (``steerwise.eval.sweep.compare_gates``). The
+seed-mean front uses only the λ values every seed has (a λ measured on one seed would otherwise
+enter the mean as if it were one); each seed's own front uses the same λ values. Where a front
+ends below the budget, its last point within it is taken. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from steerwise.eval.sweep.analysis import aggregate, compare_gates  # noqa: E402
+from steerwise.eval.sweep.spec import BASE  # noqa: E402
+
+
+def common_points(points: list[dict]) -> list[dict]:
+    """Base points and the (method, gate, λ) every seed has."""
+    seeds = {p["seed"] for p in points}
+    have: dict[tuple, set] = {}
+    for p in points:
+        have.setdefault((p["method"], p["gate"], p["strength"]), set()).add(p["seed"])
+    return [p for p in points if p["method"] == BASE
+            or have[(p["method"], p["gate"], p["strength"])] == seeds]
+
+
+def reading(points: list[dict], gates: list[str], budgets: list[float]) -> dict[str, dict]:
+    """{f"{gate}@{budget}": toxicity} plus the ungated "none@{budget}", for one set of points."""
+    rows = aggregate(points)
+    out: dict[str, float] = {}
+    for gate in gates:
+        for c in compare_gates(rows, gate=gate, ppl_factors=budgets):
+            if c["utility"] != "ppl_nontoxic":
+                continue
+            budget = c["budget_value"] / next(r["ppl_nontoxic"] for r in rows
+                                              if r["strength"] == 0.0)
+            for name, at, best in ((gate, "toxicity_with_at", "toxicity_with"),
+                                   ("none", "toxicity_without_at", "toxicity_without")):
+                v = c[at] if not math.isnan(c[at]) else c[best]
+                out[f"{name}@{budget:.3g}"] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", help="a sweep's output directory (with points.jsonl)")
+    ap.add_argument("--gates", default="dsas,skip", help="gates to read against no gate")
+    ap.add_argument("--budgets", default="1.05,1.1,1.2",
+                    help="in-domain perplexity budgets, × unsteered")
+    ap.add_argument("--out", default=None, help="JSON to write (default: SWEEP/fronts.json)")
+    args = ap.parse_args(argv)
+    sweep = Path(args.sweep)
+    points = [json.loads(line) for line in (sweep / "points.jsonl").open()]
+    gates, budgets = args.gates.split(","), [float(b) for b in args.budgets.split(",")]
+    common = common_points(points)
+    seeds = sorted({p["seed"] for p in points})
+    result = {"mean": reading(common, gates, budgets),
+              "seeds": {s: reading([p for p in common if p["seed"] == s], gates, budgets)
+                        for s in seeds}}
+    print(f"toxicity % at equal in-domain perplexity ({sweep}; seed mean, seeds {seeds} in "
+          f"brackets)")
+    print("| in-domain ppl ≤ | " + " | ".join(["none", *gates]) + " |")
+    print("|---" * (len(gates) + 2) + "|")
+    for b in budgets:
+        cells = []
+        for g in ["none", *gates]:
+            key = f"{g}@{b:.3g}"
+            per = " / ".join(f"{100 * result['seeds'][s][key]:.0f}" for s in seeds)
+            cells.append(f"{100 * result['mean'][key]:.1f} % ({per})")
+        print(f"| {b:g}× | " + " | ".join(cells) + " |")
+    out = Path(args.out) if args.out else sweep / "fronts.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"→ {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
