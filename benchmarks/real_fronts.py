@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steerwise.eval.sweep.analysis import aggregate, compare_gates  # noqa: E402
-from steerwise.eval.sweep.spec import BASE  # noqa: E402
+from steerwise.eval.sweep.analysis import aggregate, compare_gates
+from steerwise.eval.sweep.spec import BASE
 
 
 def common_points(points: list[dict]) -> list[dict]:
