@@ -13,7 +13,7 @@ compiled forward), written to
 benchmarks/results/overhead-gemma3-270m.json. The default run does not need the package.
 
 - Eager generation, batch 1 and 8, greedy ``--tokens`` new tokens: unsteered; CAA; CAA + DSAS;
-  CAA + DSAS with the first token unsteered (``first_token="skip"``, fit's default);
+  CAA + DSAS with the first token unsteered (``first_token="skip"``);
   CAA + DSAS at strength 0; and a stack of 4 CAA + DSAS recipes in one handle with rows routed
   to different recipes (``apply_recipes`` + ``route``) against one recipe.
 - Compiled (``torch.compile`` of the model, default inductor backend): a no-cache forward pass
@@ -88,7 +88,7 @@ def configs_for(model, batch: int) -> dict[str, Callable[[], Any]]:
     """name → a context manager factory installing that configuration (None = unsteered)."""
     g = torch.Generator().manual_seed(0)
     caa, dsas = random_recipe(model, g, False), random_recipe(model, g, True)
-    # fit's default position policy: the first token of each prefill left unsteered (a mask)
+    # the other position policy: the first token of each prefill left unsteered (a mask)
     dsas_skip = dataclasses.replace(dsas, first_token="skip")
     stack = {f"r{i}": random_recipe(model, g, True) for i in range(4)}
     rows = [f"r{i % 4}" for i in range(batch)]

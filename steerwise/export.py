@@ -242,7 +242,7 @@ def export_recipe(recipe: Recipe | str | os.PathLike, out: str | os.PathLike,
 
 
 FIRST_TOKEN_NOTE = (
-    "this recipe leaves the first token unsteered (first_token='skip', the fit default), but "
+    "this recipe leaves the first token unsteered (first_token='skip'), but "
     "llama.cpp adds a control vector at every position: with it llama.cpp also steers the first "
     "token (the attention sink), so it steers somewhat harder than steerwise does with the "
     "recipe (fit with --first-token steer to export exactly what steerwise applies)")

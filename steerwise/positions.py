@@ -22,9 +22,10 @@ from torch import Tensor
 
 FIRST_TOKEN_CHOICES = ("steer", "skip")
 # The policy of new recipes (``FitOptions.first_token``, ``steerwise fit --first-token``), chosen
-# from fronts on Gemma 3 270M (docs/dsas-measured.md, "The first token: steer or skip"): the two
-# policies' fronts tie, and at equal λ skipping costs less in-domain perplexity.
-DEFAULT_FIRST_TOKEN = "skip"
+# by measurement (docs/dsas-measured.md, "The first token: steer or skip"): on Gemma 3 270M the
+# two policies' fronts tie; on a model whose tokenizer adds no BOS the first token is a word of
+# the prompt, and skipping it can undo the steering (the testbed's "You are such a").
+DEFAULT_FIRST_TOKEN = "steer"
 # What a recipe without a recorded policy means: recipes saved before it existed steered every
 # position, and recipes built in code from bare entries do too.
 LEGACY_FIRST_TOKEN = "steer"

@@ -513,8 +513,8 @@ def test_sweep_fits_keep_lambda_one_unless_a_variant_asks_for_auto():
     from steerwise.eval.cli import parse_gate_variant
     from steerwise.eval.sweep.spec import SweepConfig, build_fit_options
 
-    name, variant = parse_gate_variant("auto=dsas,default_strength=auto,first_token=steer")
+    name, variant = parse_gate_variant("auto=dsas,default_strength=auto,first_token=skip")
     cfg = SweepConfig(methods=["caa"], gates=["dsas", name], gate_variants={name: variant})
     plain, asked = build_fit_options("caa", "dsas", cfg), build_fit_options("caa", name, cfg)
-    assert (plain.default_strength, plain.first_token) == (1.0, "skip")
-    assert (asked.default_strength, asked.first_token) == ("auto", "steer")
+    assert (plain.default_strength, plain.first_token) == (1.0, "steer")
+    assert (asked.default_strength, asked.first_token) == ("auto", "skip")

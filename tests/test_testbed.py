@@ -56,8 +56,6 @@ def test_steering_changes_toxic_continuations_and_round_trips(setup, tmp_path):
     # the gate is higher, on average, on the toxic prompt's tokens than on a neutral one
     neutral = generate(model, tok, ["the weather today is nice and"], recipe, 1.0,
                        max_new_tokens=2, explain=True)
-    # (the first token is left unsteered by the default position policy: it shows 0)
-    assert steered.trace.mean_per_token(0)[0] == 0 == neutral.trace.mean_per_token(0)[0]
-    toxic_gate = float(torch.tensor(steered.trace.mean_per_token(0)[1:4]).nanmean())
-    neutral_gate = float(torch.tensor(neutral.trace.mean_per_token(0)[1:6]).nanmean())
+    toxic_gate = float(torch.tensor(steered.trace.mean_per_token(0)[:4]).nanmean())
+    neutral_gate = float(torch.tensor(neutral.trace.mean_per_token(0)[:6]).nanmean())
     assert toxic_gate > neutral_gate
