@@ -38,13 +38,13 @@ def common_points(points: list[dict]) -> list[dict]:
 def reading(points: list[dict], gates: list[str], budgets: list[float]) -> dict[str, dict]:
     """{f"{gate}@{budget}": toxicity} plus the ungated "none@{budget}", for one set of points."""
     rows = aggregate(points)
+    base = next(r["ppl_nontoxic"] for r in rows if r["strength"] == 0.0)
     out: dict[str, float] = {}
     for gate in gates:
         for c in compare_gates(rows, gate=gate, ppl_factors=budgets):
             if c["utility"] != "ppl_nontoxic":
                 continue
-            budget = c["budget_value"] / next(r["ppl_nontoxic"] for r in rows
-                                              if r["strength"] == 0.0)
+            budget = c["budget_value"] / base
             for name, at, best in ((gate, "toxicity_with_at", "toxicity_with"),
                                    ("none", "toxicity_without_at", "toxicity_without")):
                 v = c[at] if not math.isnan(c[at]) else c[best]
