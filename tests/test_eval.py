@@ -518,3 +518,107 @@ def test_sweep_fits_keep_lambda_one_unless_a_variant_asks_for_auto():
     plain, asked = build_fit_options("caa", "dsas", cfg), build_fit_options("caa", name, cfg)
     assert (plain.default_strength, plain.first_token) == (1.0, "steer")
     assert (asked.default_strength, asked.first_token) == ("auto", "skip")
+
+
+class _RecordingSampler:
+    """Stands in for the vLLM engine: records what the sweep asks and answers each request with
+    text that says how it was steered ("toxic" for unsteered requests)."""
+
+    def __init__(self):
+        self.opened: list[tuple[dict, int]] = []
+        self.batches: list[list] = []
+        self.closed = 0
+
+    def open(self, recipes, max_model_len):
+        for path in recipes.values():
+            assert (Path(path) / "steerwise.json").is_file()  # fitted and saved before the engine
+        self.opened.append((dict(recipes), max_model_len))
+
+    def sample(self, requests, config, *, progress=False):
+        self.batches.append(list(requests))
+        return ["toxic words" if r.recipe is None else f"kind {r.recipe} {r.strength:g}"
+                for r in requests]
+
+    def close(self):
+        self.closed += 1
+
+
+class _WordScorer:
+    def score(self, texts):
+        return [1.0 if "toxic" in t else 0.0 for t in texts]
+
+
+def test_sweep_with_an_engine_samples_points_in_batches_and_resumes(tmp_path, tokenizer):
+    """--engine vllm's plumbing: recipes are fitted and saved before the engine starts with all
+    of them; each request carries its point's recipe, λ and seed; the continuations are kept in
+    samples.jsonl, scored by the real evaluate_point, and never sampled twice."""
+    from steerwise.eval.sweep.engines import request_seed
+    from steerwise.eval.sweep.store import read_samples
+
+    model = make_model("qwen2")
+    data = SweepData(toxic_prompts=["the dog", "a cat", "one more"], benign_prompts=["hello"],
+                     source_pool=[f"s{i}" for i in range(8)],
+                     target_pool=[f"t{i}" for i in range(8)],
+                     control_pool=[f"c{i}" for i in range(8)])
+    cfg = SweepConfig(methods=["caa"], gates=["none", "dsas"], strengths={"caa": [0, 1, 2]},
+                      seeds=[3], n_fit=4, engine="vllm",
+                      generation=GenerationConfig(max_new_tokens=7, max_prompt_tokens=2))
+    fits = _Counter()
+    sampler = _RecordingSampler()
+    kw = {"scorer": _WordScorer(), "progress": False, "log": lambda s: None, "fit_fn": fits.fit}
+    points = run_sweep(model, tokenizer, data, cfg, tmp_path, sampler=sampler,
+                       points_per_batch=3, **kw)
+    assert len(points) == 5 and len(fits.fits) == 2
+    (recipes, max_len), = sampler.opened
+    assert set(recipes) == {"caa__none__seed3", "caa__dsas__seed3"}
+    assert max_len <= 2 + 7 + 2  # prompts cut to 2 tokens (+ special tokens) + new tokens
+    assert [len(b) for b in sampler.batches] == [3 * 4, 2 * 4]  # 5 points, 3 a batch, 4 prompts
+    assert sampler.closed == 1
+    reqs = [r for b in sampler.batches for r in b]
+    assert {(r.recipe, r.strength) for r in reqs} == {
+        (None, 0.0), ("caa__none__seed3", 1.0), ("caa__none__seed3", 2.0),
+        ("caa__dsas__seed3", 1.0), ("caa__dsas__seed3", 2.0)}
+    assert [r.seed for r in reqs[:4]] == [request_seed(3, i) for i in range(4)]
+    assert all(len(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) <= 2
+               for r in reqs)
+    by_key = {(p["method"], p["gate"], p["strength"]): p for p in points}
+    assert by_key[("base", "none", 0.0)]["toxicity"] == 1.0
+    assert by_key[("base", "none", 0.0)]["benign_toxicity"] == 1.0
+    assert by_key[("caa", "dsas", 2.0)]["toxicity"] == 0.0
+    assert by_key[("caa", "dsas", 2.0)]["examples"][0]["continuation"] == "kind caa__dsas__seed3 2"
+    assert all(p["engine"] == "vllm" and p["seconds"] >= p["sample_seconds"] >= 0
+               for p in points)
+    assert len(read_samples(tmp_path)) == 5
+
+    # a point scored away but sampled (killed between sampling and scoring): not sampled again
+    lines = (tmp_path / "points.jsonl").read_text().splitlines()
+    (tmp_path / "points.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = _RecordingSampler()
+    run_sweep(model, tokenizer, data, cfg, tmp_path, sampler=again, **kw)
+    assert again.opened == [] and again.batches == [] and len(read_points(tmp_path)) == 5
+    # a new λ: one more point, one engine start, only its prompts
+    more = SweepConfig(**{**cfg.__dict__, "strengths": {"caa": [0, 1, 2, 4]}})
+    run_sweep(model, tokenizer, data, more, tmp_path, sampler=again, **kw)
+    assert [len(b) for b in again.batches] == [2 * 4] and len(read_points(tmp_path)) == 7
+    # an engine's sweep does not mix with points sampled by another
+    with pytest.raises(ValueError, match="other settings.*engine"):
+        run_sweep(model, tokenizer, data, SweepConfig(**{**more.__dict__, "engine": "hf"}),
+                  tmp_path, **kw)
+    with pytest.raises(ValueError, match="no sampler was given"):
+        run_sweep(model, tokenizer, data, more, tmp_path / "x", **kw)
+
+
+def test_sweep_engine_vllm_refuses_a_gguf_or_a_missing_vllm(tmp_path):
+    from steerwise.eval.sweep.engines import VllmSampler
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="HF directory"):
+        VllmSampler(tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="HF directory"):
+        VllmSampler(tmp_path)  # no config.json
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        (tmp_path / "config.json").write_text("{}")
+        with pytest.raises(ImportError, match="pip install vllm"):
+            VllmSampler(tmp_path)

@@ -252,6 +252,57 @@ def test_first_token_skip_parity_with_hf(testbed, tmp_path):
 
 @needs_shared
 @pytest.mark.slow
+def test_sweep_engine_vllm_samples_what_hf_samples(testbed, tmp_path):
+    """``steerwise sweep --engine vllm``: the sweep fits on HF, starts one engine with every
+    recipe and samples all points' continuations there; greedy (so the two engines must agree)
+    they equal the HF sweep path's continuations of the same prompts, truncated the same way,
+    at λ = 0 and steered; scoring and perplexity then run on HF."""
+    from steerwise.eval.generation import GenerationConfig, sample_continuations
+    from steerwise.eval.sweep import SweepConfig, SweepData, run_sweep
+    from steerwise.eval.sweep.engines import VllmSampler
+    from steerwise.eval.sweep.store import read_samples
+
+    tb = testbed
+    model, tok = tb["model"], tb["tok"]
+    rows = [json.loads(x) for x in (DATA / "davidson_tweets.jsonl").open()]
+    data = SweepData(
+        toxic_prompts=["you are a stupid", "I hate those people who", "the weather today is"],
+        benign_prompts=["The history of the city began when"],
+        source_pool=[r["text"] for r in rows if r["label"] == "offensive"][:40],
+        target_pool=[r["text"] for r in rows if r["label"] == "neither"][:40],
+        control_pool=[r["text"] for r in rows if r["label"] == "neither"][40:80],
+        ppl_prompts=["The history of the city"], ppl_continuations=[" began long ago."])
+    gen = GenerationConfig(max_new_tokens=N_NEW, do_sample=False, batch_size=1,
+                           max_prompt_tokens=5)
+    cfg = SweepConfig(methods=["caa"], gates=["dsas"], strengths={"caa": [0, 2, 6]}, seeds=[0],
+                      n_fit=16, generation=gen, engine="vllm",
+                      fit_options={"default_strength": 1.0})
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tb["cache"]))
+
+    class _Scorer:
+        def score(self, texts):
+            return [float("stupid" in t) for t in texts]
+
+    sampler = VllmSampler(TESTBED, eager=True, kv_cache_bytes=1 << 30)
+    points = run_sweep(model, tok, data, cfg, tmp_path, scorer=_Scorer(), progress=False,
+                       log=lambda s: None, sampler=sampler)
+    assert sampler._llm is None  # the engine is shut down before scoring
+    assert len(points) == 3 and all(p["engine"] == "vllm" for p in points)
+    assert all(p["ppl_nontoxic"] > 0 for p in points)
+    samples = read_samples(tmp_path)
+    recipe = Recipe.from_pretrained(tmp_path / "recipes" / "caa__dsas__seed0")
+    prompts = data.toxic_prompts + data.benign_prompts
+    differ = 0
+    for p in points:
+        got = samples[f"{p['method']}|{p['gate']}|0|{p['strength']:.6g}"]
+        want = sample_continuations(model, tok, prompts, recipe, p["strength"], gen)
+        assert got["toxic"] + got["benign"] == want, p["strength"]
+        differ += want != sample_continuations(model, tok, prompts, None, 0.0, gen)
+    assert differ >= 1  # the steered points really steer
+
+
+@needs_shared
+@pytest.mark.slow
 def test_server_takes_the_steering_field(testbed, tmp_path):
     """``steerwise serve --engine vllm``: vLLM's OpenAI server with the worker, the validator and
     the middleware; ``"steering": {recipe, strength}`` steers exactly as HF; an unknown recipe or

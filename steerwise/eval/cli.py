@@ -169,9 +169,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         ppl_max_tokens=args.ppl_max_tokens or (QUICK["ppl_max_tokens"] if quick else None),
         mmlu_k=args.mmlu_shots, mmlu_scoring=args.mmlu_scoring,
         mmlu_backend=resolve_mmlu_backend(args.mmlu_backend, args.mmlu_scoring),
-        mmlu_max_length=args.mmlu_max_length, batch_size=args.batch_size,
+        mmlu_max_length=args.mmlu_max_length, batch_size=args.batch_size, engine=args.engine,
     )
     out = Path(args.out)
+    sampler = None
+    if args.engine == "vllm":  # before any loading: a missing vLLM or a .gguf model fails now
+        from .sweep.engines import VllmSampler
+
+        sampler = VllmSampler(args.model, dtype=args.dtype)
     console.print(f"[bold]steerwise sweep[/]: methods {', '.join(methods)} × gates "
                   f"{', '.join(gates)} × seeds {seeds}; data {data.sizes()}")
     scorer = load_scorer(args.scorer, device=args.device)
@@ -179,7 +184,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                           gguf_file=args.gguf_file)
     t0 = time.perf_counter()
     points = run_sweep(model, tok, data, config, out, scorer=scorer, progress=not args.no_progress,
-                       log=lambda s: console.print(s))
+                       log=lambda s: console.print(s), sampler=sampler,
+                       points_per_batch=args.points_per_batch)
     files = write_tables(points, out)
     rows = aggregate(points)
     png = plot_fronts(rows, out / "pareto.png",
@@ -380,6 +386,14 @@ def register(subparsers) -> None:
                         "installed and the scoring is letter)")
     e.add_argument("--mmlu-max-length", type=positive_int, default=None,
                    help="cut MMLU prompts from the left to this many tokens (default: no cut)")
+    e.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="where continuations are sampled: the HF model point by point, or one "
+                        "vLLM engine holding every recipe, many points a batch (needs vLLM and "
+                        "the model as an HF directory; fits, perplexity and MMLU stay on HF; "
+                        "docs/evaluation.md)")
+    e.add_argument("--points-per-batch", type=positive_int, default=16,
+                   help="with --engine vllm: points whose continuations are sampled in one batch "
+                        "(kept in OUT/samples.jsonl, so an interruption loses at most one batch)")
     e.add_argument("--batch-size", type=positive_int, default=32,
                    help="rows per forward pass (generation, perplexity, MMLU)")
     e.add_argument("--threads", type=positive_int, default=None,

@@ -143,11 +143,31 @@ def evaluate_toxicity(
     """Sample continuations under each seed, score them, and summarise (rate = share ≥ 0.5)."""
     if not prompts:
         raise ValueError("no prompts to evaluate toxicity on")
+    per_seed_conts = [
+        sample_continuations(model, tokenizer, prompts, recipe, strength, config, seed=s,
+                             progress=progress, desc=f"generate seed {s}")
+        for s in seeds
+    ]
+    return score_continuations(prompts, per_seed_conts, scorer, n_examples=n_examples)
+
+
+def score_continuations(
+    prompts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    scorer: ToxicityScorer,
+    *,
+    n_examples: int = 3,
+) -> ToxicityEval:
+    """Score continuations sampled under one or more seeds (``continuations[k][i]``: seed k's
+    continuation of prompt i) and summarise (rate = share ≥ 0.5); the examples are the most
+    toxic continuations of the first seed."""
+    if not prompts:
+        raise ValueError("no prompts to evaluate toxicity on")
     all_scores, per_seed, examples = [], [], []
-    for s in seeds:
-        conts = sample_continuations(model, tokenizer, prompts, recipe, strength, config,
-                                     seed=s, progress=progress, desc=f"generate seed {s}")
-        scores = np.asarray(scorer.score(conts), dtype=np.float64)
+    for conts in continuations:
+        if len(conts) != len(prompts):
+            raise ValueError(f"{len(conts)} continuations for {len(prompts)} prompts")
+        scores = np.asarray(scorer.score(list(conts)), dtype=np.float64)
         all_scores.append(scores)
         per_seed.append(summarize(scores).rate)
         if not examples:

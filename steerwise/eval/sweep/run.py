@@ -16,12 +16,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...recipe import Recipe
-from ..generation import evaluate_toxicity
+from ..generation import evaluate_toxicity, score_continuations, truncate_left
 from ..mmlu import evaluate_mmlu, model_choice_scorer, token_counter
 from ..perplexity import conditional_perplexity, corpus_perplexity
 from ..toxicity import ToxicityScorer
+from .engines import SampleRequest, VllmSampler, request_seed
 from .spec import BASE, SweepConfig, SweepData, build_fit_options, draw_fit_sets, gate_variant
-from .store import _append_point, _check_config, _drop_partial_line, point_key, read_points
+from .store import (
+    _append_point,
+    _check_config,
+    _drop_partial_line,
+    append_samples,
+    point_key,
+    read_points,
+    read_samples,
+)
+
+Point = tuple[str, str, int, float]  # (method, gate, seed, strength)
 
 
 def evaluate_point(
@@ -33,17 +44,27 @@ def evaluate_point(
     recipe: Recipe | None,
     strength: float,
     seed: int,
+    samples: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """All metrics of one (recipe, strength) under one generation seed."""
+    """All metrics of one (recipe, strength) under one generation seed. ``samples``: the
+    continuations of the toxic and benign prompts (``{"toxic": [...], "benign": [...]}``) when
+    another engine sampled them; None samples them here with the HF model."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
-    tox = evaluate_toxicity(model, tokenizer, data.toxic_prompts, scorer, recipe, strength,
-                            config.generation, seeds=[seed])
+    if samples is not None:
+        tox = score_continuations(data.toxic_prompts, [samples["toxic"]], scorer)
+    else:
+        tox = evaluate_toxicity(model, tokenizer, data.toxic_prompts, scorer, recipe, strength,
+                                config.generation, seeds=[seed])
     out.update(toxicity=tox.rate, toxicity_mean=tox.mean, n_toxic_prompts=tox.n,
                examples=tox.examples)
     if data.benign_prompts:
-        ben = evaluate_toxicity(model, tokenizer, data.benign_prompts, scorer, recipe, strength,
-                                config.generation, seeds=[seed], n_examples=0)
+        if samples is not None:
+            ben = score_continuations(data.benign_prompts, [samples["benign"]], scorer,
+                                      n_examples=0)
+        else:
+            ben = evaluate_toxicity(model, tokenizer, data.benign_prompts, scorer, recipe,
+                                    strength, config.generation, seeds=[seed], n_examples=0)
         out.update(benign_toxicity=ben.rate, benign_toxicity_mean=ben.mean)
     if data.ppl_texts:
         ppl = corpus_perplexity(model, tokenizer, data.ppl_texts, recipe, strength,
@@ -86,14 +107,24 @@ def run_sweep(
     log: Callable[[str], None] = print,
     fit_fn: Callable[..., Recipe] | None = None,
     eval_fn: Callable[..., dict[str, Any]] | None = None,
+    sampler: VllmSampler | None = None,
+    points_per_batch: int = 16,
 ) -> list[dict[str, Any]]:
     """Run (or resume) a sweep; returns every point (old and new). ``fit_fn`` / ``eval_fn``
-    replace fitting / evaluation (tests)."""
+    replace fitting / evaluation (tests).
+
+    With a ``sampler`` (``config.engine == "vllm"``) every recipe is fitted first, then the
+    continuations of ``points_per_batch`` points at a time are sampled as one batch of the
+    engine and kept in ``OUT/samples.jsonl`` (so an interrupted sweep does not sample them
+    again); scoring, perplexity and MMLU then run on the HF model point by point."""
     from ...fit import fit as default_fit
 
     fit_fn = fit_fn or default_fit
     eval_fn = eval_fn or evaluate_point
     out = Path(out_dir)
+    if (sampler is None) != (config.engine == "hf"):
+        raise ValueError(f"config.engine is {config.engine!r} but "
+                         f"{'no' if sampler is None else 'a'} sampler was given")
     out.mkdir(parents=True, exist_ok=True)
     for m in config.methods:
         if m not in config.strengths or not config.strengths[m]:
@@ -104,7 +135,7 @@ def run_sweep(
     _drop_partial_line(out)
     done = {point_key(p["method"], p["gate"], p["seed"], p["strength"]) for p in read_points(out)}
 
-    todo: list[tuple[str, str, int, float]] = []
+    todo: list[Point] = []
     for seed in config.seeds:
         todo.append((BASE, "none", seed, 0.0))
         for m in config.methods:
@@ -116,21 +147,36 @@ def run_sweep(
         log(f"resuming: {len(todo) - len(remaining)} of {len(todo)} points already in {out}")
     recipes: dict[tuple[str, str, int], Recipe | None] = {}
     failures: dict[str, str] = {}
+
+    def recipe_of(method: str, gate: str, seed: int) -> Recipe | None:
+        key = (method, gate, seed)
+        if key not in recipes:
+            recipes[key] = _fit_or_load(model, tokenizer, data, config, out, method, gate, seed,
+                                        fit_fn, failures, log)
+        return recipes[key]
+
+    samples: dict[str, dict[str, Any]] = {}
+    if sampler is not None and remaining:
+        samples = _sample_with_engine(sampler, tokenizer, data, config, out, remaining,
+                                      recipe_of, points_per_batch, progress, log)
     bar = tqdm(total=len(remaining), desc="sweep", disable=not progress, unit="pt")
     for method, gate, seed, strength in remaining:
         bar.set_postfix_str(f"{method}+{gate} s{seed} λ={strength:g}")
-        recipe = None
-        if method != BASE:
-            key = (method, gate, seed)
-            if key not in recipes:
-                recipes[key] = _fit_or_load(model, tokenizer, data, config, out, method, gate, seed,
-                                            fit_fn, failures, log)
-            recipe = recipes[key]
-            if recipe is None:
-                bar.update(1)
-                continue
-        metrics = eval_fn(model, tokenizer, data, scorer, config, recipe, strength, seed)
-        point = {"method": method, "gate": gate, "seed": seed, "strength": strength, **metrics}
+        recipe = None if method == BASE else recipe_of(method, gate, seed)
+        if method != BASE and recipe is None:
+            bar.update(1)
+            continue
+        extra: dict[str, Any] = {}
+        if sampler is not None:
+            got = samples[point_key(method, gate, seed, strength)]
+            extra = {"engine": got["engine"], "sample_seconds": got["seconds"]}
+            metrics = eval_fn(model, tokenizer, data, scorer, config, recipe, strength, seed,
+                              samples=got)
+            metrics["seconds"] = metrics["seconds"] + got["seconds"]
+        else:
+            metrics = eval_fn(model, tokenizer, data, scorer, config, recipe, strength, seed)
+        point = {"method": method, "gate": gate, "seed": seed, "strength": strength, **metrics,
+                 **extra}
         _append_point(out, point)
         bar.update(1)
     bar.close()
@@ -138,6 +184,69 @@ def run_sweep(
         (out / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
         log(f"{len(failures)} fits failed: see {out / 'failures.json'}")
     return read_points(out)
+
+
+def _recipe_dir(out: Path, method: str, gate: str, seed: int) -> Path:
+    return out / "recipes" / f"{method}__{gate}__seed{seed}"
+
+
+def _sample_with_engine(sampler: VllmSampler, tokenizer, data: SweepData, config: SweepConfig,
+                        out: Path, remaining: list[Point],
+                        recipe_of: Callable[[str, str, int], Recipe | None],
+                        points_per_batch: int, progress: bool, log: Callable[[str], None]
+                        ) -> dict[str, dict[str, Any]]:
+    """The continuations of every remaining point ({point key: {"toxic", "benign", "engine",
+    "seconds"}}), sampled by ``sampler`` where ``OUT/samples.jsonl`` does not hold them yet."""
+    samples = read_samples(out)
+    need: list[Point] = []
+    engine_recipes: dict[str, Path] = {}
+    for t in tqdm(remaining, desc="fit", disable=not progress, leave=False, unit="pt"):
+        method, gate, seed, _ = t
+        if method != BASE:
+            if recipe_of(method, gate, seed) is None:
+                continue  # a failed fit: the point is skipped, as on the HF path
+            rdir = _recipe_dir(out, method, gate, seed)
+            engine_recipes[rdir.name] = rdir
+        if point_key(*t) not in samples:
+            need.append(t)
+    if not need:
+        return samples
+    if len(need) < len(remaining):
+        log(f"{len(remaining) - len(need)} points have their continuations in "
+            f"{out / 'samples.jsonl'} already")
+    prompts = truncate_left(tokenizer, list(data.toxic_prompts) + list(data.benign_prompts),
+                            config.generation.max_prompt_tokens)
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    t0 = time.perf_counter()
+    sampler.open(engine_recipes, max_model_len=longest + config.generation.max_new_tokens)
+    log(f"vLLM engine started with {len(engine_recipes)} recipes in "
+        f"{time.perf_counter() - t0:.0f} s; sampling {len(need)} points, {len(prompts)} prompts "
+        f"each, {points_per_batch} points a batch")
+    n_toxic = len(data.toxic_prompts)
+    try:
+        for start in tqdm(range(0, len(need), points_per_batch), desc="sample (vllm)",
+                          disable=not progress, unit="batch"):
+            chunk = need[start:start + points_per_batch]
+            requests = [
+                SampleRequest(p, None if method == BASE else _recipe_dir(out, method, gate,
+                                                                        seed).name,
+                              strength, request_seed(seed, i))
+                for method, gate, seed, strength in chunk for i, p in enumerate(prompts)
+            ]
+            t1 = time.perf_counter()
+            texts = sampler.sample(requests, config.generation)
+            share = (time.perf_counter() - t1) / len(chunk)
+            rows = []
+            for k, t in enumerate(chunk):
+                mine = texts[k * len(prompts):(k + 1) * len(prompts)]
+                row = {"key": point_key(*t), "engine": "vllm", "seconds": share,
+                       "toxic": mine[:n_toxic], "benign": mine[n_toxic:]}
+                samples[row["key"]] = row
+                rows.append(row)
+            append_samples(out, rows)
+    finally:
+        sampler.close()
+    return samples
 
 
 def fit_sweep_recipe(model, tokenizer, data: SweepData, config: SweepConfig, method: str,
@@ -163,7 +272,7 @@ def fit_sweep_recipe(model, tokenizer, data: SweepData, config: SweepConfig, met
 
 def _fit_or_load(model, tokenizer, data, config, out: Path, method, gate, seed, fit_fn, failures,
                  log) -> Recipe | None:
-    rdir = out / "recipes" / f"{method}__{gate}__seed{seed}"
+    rdir = _recipe_dir(out, method, gate, seed)
     if (rdir / "steerwise.json").is_file():
         return Recipe.from_pretrained(rdir)
     try:

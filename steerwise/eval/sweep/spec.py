@@ -78,6 +78,7 @@ class SweepConfig:
     mmlu_backend: str = "steerwise"  # or "lm-eval" (letter scoring; needs steerwise[harness])
     mmlu_max_length: int | None = None
     batch_size: int = 16
+    engine: str = "hf"  # where continuations are sampled: "hf" or "vllm" (sweep/engines.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

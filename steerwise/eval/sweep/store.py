@@ -13,6 +13,7 @@ from .spec import SweepConfig
 
 POINTS_NAME = "points.jsonl"
 CONFIG_NAME = "sweep.json"
+SAMPLES_NAME = "samples.jsonl"  # continuations sampled by another engine, before scoring
 # settings a resumed sweep may change (they add points, they do not change existing ones)
 _EXTENDABLE = ("methods", "gates", "strengths", "seeds", "gate_variants")
 
@@ -23,7 +24,31 @@ def point_key(method: str, gate: str, seed: int, strength: float) -> str:
 
 def read_points(out_dir: str | Path) -> list[dict[str, Any]]:
     """Points already written (a truncated last line from a kill is ignored)."""
-    path = Path(out_dir) / POINTS_NAME
+    return _read_jsonl(Path(out_dir) / POINTS_NAME)
+
+
+def read_samples(out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """{point key: sampled continuations} already written by ``append_samples``."""
+    return {row["key"]: row for row in _read_jsonl(Path(out_dir) / SAMPLES_NAME)}
+
+
+def append_samples(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows of sampled continuations (one JSON line each, flushed at once)."""
+    path = out_dir / SAMPLES_NAME
+    cut = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as fh:
+            fh.seek(-1, 2)
+            cut = fh.read(1) != b"\n"  # a line cut by a kill: start a fresh one
+    with path.open("a", encoding="utf-8") as fh:
+        if cut:
+            fh.write("\n")
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     points = []
