@@ -203,6 +203,53 @@ def test_sweep_fits_each_variant_with_its_options_and_control_pool(tmp_path, tok
     assert not (tmp_path / "b" / "points.jsonl").exists()
 
 
+def test_variants_fit_from_named_source_and_target_pools(tmp_path, tokenizer):
+    """source=/target= draw a variant's fit sets from the data's named pools (the in-domain
+    design: toxic RTP prompts against non-toxic RTP text), for a gate and for no gate alike; a
+    sweep written before those pools existed still resumes; an unknown pool fails first."""
+    from steerwise.eval.cli import parse_gate_variant
+
+    data = _data()
+    data.source_pools = {"rtp": [f"rs{i}" for i in range(8)]}
+    data.target_pools = {"rtp": [f"rt{i}" for i in range(8)]}
+    variants = dict(parse_gate_variant(v) for v in [
+        "ind=dsas,source=rtp,target=rtp,control=wiki", "ind0=none,source=rtp,target=rtp"])
+    assert variants["ind"] == {"gate": "dsas", "control": "wiki", "source": "rtp",
+                               "target": "rtp", "fit_options": {}}
+    model = make_model("qwen2")
+    seen = {}
+
+    def fake_fit(model, tok, source, control, target, opts, progress=False):
+        seen[opts.gate, source[0][0]] = (source, target, control)
+        return random_recipe(model)
+
+    def fake_eval(model, tok, data, scorer, config, recipe, strength, seed):
+        return {"toxicity": 0.3 - 0.1 * strength, "ppl": 10 + strength}
+
+    kw = {"scorer": None, "progress": False, "log": lambda s: None, "fit_fn": fake_fit,
+          "eval_fn": fake_eval}
+    # the sweep first ran without the named pools (as before they existed)
+    plain = SweepConfig(methods=["caa"], gates=["dsas"], strengths={"caa": [0, 1]}, seeds=[0],
+                        n_fit=4)
+    run_sweep(model, tokenizer, _data(), plain, tmp_path, **kw)
+    cfg = SweepConfig(**{**plain.__dict__, "gates": ["dsas", "ind", "ind0"],
+                         "gate_variants": variants})
+    points = run_sweep(model, tokenizer, data, cfg, tmp_path, **kw)
+    assert {p["gate"] for p in points} == {"none", "dsas", "ind", "ind0"}
+    src, tgt, ctl = seen["dsas", "r"]
+    assert all(x.startswith("rs") for x in src) and all(x.startswith("rt") for x in tgt)
+    assert all(x.startswith("w") for x in ctl)
+    src, tgt, ctl = seen["none", "r"]
+    assert all(x.startswith("rs") for x in src) and all(x.startswith("c") for x in ctl)
+    assert all(x.startswith("s") for x in seen["dsas", "s"][0])  # the plain gate: defaults
+    bad = {"x": {"gate": "dsas", "source": "nope"}}
+    with pytest.raises(ValueError, match="unknown source pool 'nope'; this data has: rtp"):
+        run_sweep(model, tokenizer, data, SweepConfig(
+            methods=["caa"], gates=["x"], gate_variants=bad, strengths={"caa": [0, 1]},
+            seeds=[0], n_fit=4), tmp_path / "b", **kw)
+    assert not (tmp_path / "b" / "points.jsonl").exists()
+
+
 @pytest.mark.parametrize("spec, message", [
     ("tok", "NAME=KIND"), ("tok=foo", "unknown gate kind"), ("tok=dsas,bogus=1", "bogus"),
     ("tok=dsas,train_on", "key=value"), ("tok=dsas,nosuch.x=1", "nosuch"),

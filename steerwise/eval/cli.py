@@ -81,8 +81,8 @@ def _value(text: str) -> Any:
 
 
 def parse_gate_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME=KIND[,key=value,...]`` → (name, variant). Keys: ``control`` (a control pool of the
-    data), ``section.field`` (a field of a nested fit option, e.g. ``e2e.activation=relu``),
+    """``NAME=KIND[,key=value,...]`` → (name, variant). Keys: ``control``, ``source``,
+    ``target`` (a named pool of the data), ``section.field`` (a field of a nested fit option, e.g. ``e2e.activation=relu``),
     a ``DSASOptions`` field (e.g. ``train_on=tokens``), or another ``FitOptions`` field."""
     from ..fit import GATES, FitOptions
     from ..gates.dsas import DSASOptions
@@ -103,8 +103,8 @@ def parse_gate_variant(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq:
             raise ValueError(f"--gate-variant {name}: expected key=value, got {item!r}")
         value, opts = _value(raw), variant["fit_options"]
-        if key == "control":
-            variant["control"] = raw
+        if key in ("control", "source", "target"):
+            variant[key] = raw
         elif "." in key:
             section, field_ = key.split(".", 1)
             if section not in fit_fields:
@@ -116,7 +116,8 @@ def parse_gate_variant(spec: str) -> tuple[str, dict[str, Any]]:
             opts[key] = value
         else:
             raise ValueError(f"--gate-variant {name}: unknown option {key!r} (a DSASOptions or "
-                             f"FitOptions field, 'section.field', or 'control')")
+                             f"FitOptions field, 'section.field', 'control', 'source' or "
+                             f"'target')")
     return name, variant
 
 
@@ -317,7 +318,8 @@ def register(subparsers) -> None:
     p.add_argument("--gate-variant", action="append", metavar="NAME=KIND[,key=value...]",
                    help="a named gate with its own options, e.g. 'tok=dsas,train_on=tokens,"
                         "control=mix' or 'relu=e2e,e2e.activation=relu' (repeatable; keys: "
-                        "control pool, DSASOptions fields, FitOptions fields, section.field)")
+                        "control, source or target pool, DSASOptions fields, FitOptions fields, "
+                        "section.field)")
     p.add_argument("--grid", action="append",
                    help="strengths: '0.5,1,2' for all methods, 'caa=0.5,1,2' for one, "
                         "'caa+none=0.1,0.2' for one method with one gate (repeatable; default: "

@@ -19,7 +19,9 @@ testbed LM never saw:
   kind of text the benign evaluation prompts are, never the held-out rows), ``neither`` tweets
   (with 32 examples the mean-trained gates then reach only 0.6–0.77 accuracy) or half of
   ``rtp-nontoxic`` and ``wikitext`` each (``mix``). Every pool is in
-  ``SweepData.control_pools``, so one sweep can compare gates fitted on each.
+  ``SweepData.control_pools``, so one sweep can compare gates fitted on each;
+* in-domain fit pools for gate variants (``source=rtp-toxic``, ``target=rtp-nontoxic``): the
+  prompts of the even (training) rows of ``rtp_toxic.jsonl`` and the ``rtp-nontoxic`` pool.
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ def testbed_data(
     pools = control_pools(
         [r["prompt"] + r["continuation"] for r in nontoxic[:-200]], target_pool,
         [a for i, a in enumerate(articles) if i not in held_articles])
+    # in-domain fit sets (gate variants' source=/target=): toxic RTP prompts of the training
+    # rows (even rows; the evaluation prompts are the odd ones) and the non-toxic training rows
+    source_pools = {"rtp-toxic": [r["prompt"] for r in toxic[0::2]]}
+    target_pools = {"rtp-nontoxic": pools["rtp-nontoxic"]}
     if control not in pools:
         raise ValueError(f"unknown control pool {control!r}: {', '.join(CONTROL_POOLS)}")
     control_pool = pools[control]
@@ -149,6 +155,8 @@ def testbed_data(
         mmlu_questions=mmlu_q,
         mmlu_shots=mmlu_s,
         control_pools=pools,
+        source_pools=source_pools,
+        target_pools=target_pools,
         description={
             "preset": "testbed",
             "toxic_prompts": f"rtp_toxic.jsonl odd rows, first {len(held_toxic)}",

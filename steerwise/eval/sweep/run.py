@@ -129,8 +129,10 @@ def run_sweep(
     for m in config.methods:
         if m not in config.strengths or not config.strengths[m]:
             raise ValueError(f"no strength grid for method {m!r}")
-    for g in config.gates:
-        data.control(gate_variant(g, config)["control"])  # an unknown pool fails before any work
+    for g in config.gates:  # an unknown pool fails before any work
+        variant = gate_variant(g, config)
+        for kind in ("source", "target", "control"):
+            data.pool(kind, variant[kind])
     _check_config(out, config.to_json(), data.sizes())
     _drop_partial_line(out)
     done = {point_key(p["method"], p["gate"], p["seed"], p["strength"]) for p in read_points(out)}
@@ -253,11 +255,12 @@ def fit_sweep_recipe(model, tokenizer, data: SweepData, config: SweepConfig, met
                      gate: str, seed: int, fit_fn: Callable[..., Recipe] | None = None
                      ) -> tuple[Recipe, list[warnings.WarningMessage]]:
     """The recipe of one (method, gate or gate variant, seed), fitted as a sweep fits it (fit
-    sets drawn with ``seed`` from the variant's control pool), and the warnings of the fit."""
+    sets drawn with ``seed`` from the variant's pools), and the warnings of the fit."""
     from ...fit import fit as default_fit
 
-    source, target, control = draw_fit_sets(data, config.n_fit, seed,
-                                            gate_variant(gate, config)["control"])
+    variant = gate_variant(gate, config)
+    source, target, control = draw_fit_sets(data, config.n_fit, seed, variant["control"],
+                                            source=variant["source"], target=variant["target"])
     opts = build_fit_options(method, gate, config)
     opts.dsas = dataclasses.replace(opts.dsas, seed=seed)
     t0 = time.perf_counter()

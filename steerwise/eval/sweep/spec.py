@@ -29,6 +29,8 @@ class SweepData:
     mmlu_shots: dict[str, list[MMLUQuestion]] | None = None
     description: dict[str, Any] = field(default_factory=dict)
     control_pools: dict[str, list[str]] = field(default_factory=dict)  # other named controls
+    source_pools: dict[str, list[str]] = field(default_factory=dict)  # other named sources
+    target_pools: dict[str, list[str]] = field(default_factory=dict)  # other named targets
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -41,22 +43,32 @@ class SweepData:
             "ppl_continuations": len(self.ppl_continuations),
             "mmlu_questions": sum(len(v) for v in (self.mmlu_questions or {}).values()),
             **{f"control_pool:{k}": len(v) for k, v in sorted(self.control_pools.items())},
+            **{f"source_pool:{k}": len(v) for k, v in sorted(self.source_pools.items())},
+            **{f"target_pool:{k}": len(v) for k, v in sorted(self.target_pools.items())},
         }
+
+    def pool(self, kind: str, name: str | None) -> list[str]:
+        """The ``kind`` ("source", "target" or "control") pool ``name`` (None: the default)."""
+        default, named = {"source": (self.source_pool, self.source_pools),
+                          "target": (self.target_pool, self.target_pools),
+                          "control": (self.control_pool, self.control_pools)}[kind]
+        if name is None:
+            return default
+        if name not in named:
+            raise ValueError(f"unknown {kind} pool {name!r}; this data has: "
+                             f"{', '.join(sorted(named)) or 'only the default'}")
+        return named[name]
 
     def control(self, name: str | None) -> list[str]:
         """The control pool ``name`` (None: the default one)."""
-        if name is None:
-            return self.control_pool
-        if name not in self.control_pools:
-            raise ValueError(f"unknown control pool {name!r}; this data has: "
-                             f"{', '.join(sorted(self.control_pools)) or 'only the default'}")
-        return self.control_pools[name]
+        return self.pool("control", name)
 
 
 @dataclass
 class SweepConfig:
     """``gates``: gate kinds or names of ``gate_variants``; a variant is a gate kind with its own
-    options: ``{"gate": kind, "control": pool name, "fit_options": {FitOptions overrides}}``
+    options: ``{"gate": kind, "control": pool name, "source": pool name, "target": pool name,
+    "fit_options": {FitOptions overrides}}`` (pools: names of the data's named pools)
     (``steerwise.eval.cli.parse_gate_variant`` reads them from ``NAME=KIND,key=value,...``)."""
 
     methods: list[str]
@@ -84,14 +96,16 @@ class SweepConfig:
         return asdict(self)
 
 
-def draw_fit_sets(data: SweepData, n: int, seed: int, control: str | None = None
+def draw_fit_sets(data: SweepData, n: int, seed: int, control: str | None = None, *,
+                  source: str | None = None, target: str | None = None
                   ) -> tuple[list[str], list[str], list[str]]:
     """``n`` source, target and control texts drawn (without replacement) with ``seed``;
-    ``control`` names a control pool of the data (None: the default one)."""
+    ``control``, ``source``, ``target`` name pools of the data (None: the default ones)."""
     rng = random.Random(seed)
     out = []
-    for name, pool in (("source", data.source_pool), ("target", data.target_pool),
-                       ("control", data.control(control))):
+    for name, pool in (("source", data.pool("source", source)),
+                       ("target", data.pool("target", target)),
+                       ("control", data.pool("control", control))):
         if len(pool) < n:
             raise ValueError(f"the {name} pool has {len(pool)} texts, fewer than n_fit={n}")
         out.append(rng.sample(pool, n))
@@ -102,6 +116,7 @@ def gate_variant(gate: str, config: SweepConfig) -> dict[str, Any]:
     """The variant named ``gate`` (a plain gate kind is a variant with no options)."""
     variant = config.gate_variants.get(gate, {"gate": gate})
     return {"gate": variant.get("gate", gate), "control": variant.get("control"),
+            "source": variant.get("source"), "target": variant.get("target"),
             "fit_options": dict(variant.get("fit_options", {}))}
 
 
