@@ -43,15 +43,15 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steerwise.eval.data import testbed_data  # noqa: E402
-from steerwise.eval.generation import GenerationConfig, sample_continuations  # noqa: E402
-from steerwise.eval.sweep.engines import SampleRequest, VllmSampler, request_seed  # noqa: E402
-from steerwise.eval.sweep.spec import draw_fit_sets  # noqa: E402
-from steerwise.eval.toxicity import load_scorer  # noqa: E402
-from steerwise.fit import fit  # noqa: E402
-from steerwise.generate import _cut_at_eos, _eos_ids  # noqa: E402
-from steerwise.hooks import SteeringHandle  # noqa: E402
-from steerwise.models import load_model  # noqa: E402
+from steerwise.eval.data import testbed_data
+from steerwise.eval.generation import GenerationConfig, sample_continuations
+from steerwise.eval.sweep.engines import SampleRequest, VllmSampler, request_seed
+from steerwise.eval.sweep.spec import draw_fit_sets
+from steerwise.eval.toxicity import load_scorer
+from steerwise.fit import fit
+from steerwise.generate import _cut_at_eos, _eos_ids
+from steerwise.hooks import SteeringHandle
+from steerwise.models import load_model
 
 
 def hf_routed(model, tok, prompts: list[str], recipe, grid: list[float], cfg: GenerationConfig,

@@ -1,13 +1,16 @@
 """Toxicity at equal in-domain perplexity, per seed and over seeds, from a sweep's points.
 
     python benchmarks/real_fronts.py benchmarks/results/real-caa [--gates dsas,skip]
-        [--budgets 1.05,1.1,1.2] [--out benchmarks/results/real-caa/fronts.json]
+        [--budgets 1.05,1.1,1.2] [--seeds 0,1,2] [--method caa]
+        [--out benchmarks/results/real-caa/fronts.json]
 
 For each gate against no gate (same method): the Pareto front of toxicity vs in-domain perplexity
 (``ppl_nontoxic``) read at ``budget × unsteered`` (``steerwise.eval.sweep.compare_gates``). The
 seed-mean front uses only the λ values every seed has (a λ measured on one seed would otherwise
 enter the mean as if it were one); each seed's own front uses the same λ values. Where a front
-ends below the budget, its last point within it is taken. Prints a table and writes JSON.
+ends below the budget, its last point within it is taken. ``--seeds`` keeps those seeds only (a
+screen run on one seed), ``--method`` one method's points (and the unsteered ones). Prints a
+table and writes JSON.
 """
 
 from __future__ import annotations
@@ -58,10 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gates", default="dsas,skip", help="gates to read against no gate")
     ap.add_argument("--budgets", default="1.05,1.1,1.2",
                     help="in-domain perplexity budgets, × unsteered")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: all)")
+    ap.add_argument("--method", default="caa", help="the method whose fronts are read")
     ap.add_argument("--out", default=None, help="JSON to write (default: SWEEP/fronts.json)")
     args = ap.parse_args(argv)
     sweep = Path(args.sweep)
     points = [json.loads(line) for line in (sweep / "points.jsonl").open()]
+    points = [p for p in points if p["method"] in (BASE, args.method)]
+    if args.seeds:
+        keep = {int(x) for x in args.seeds.split(",")}
+        points = [p for p in points if p["seed"] in keep]
     gates, budgets = args.gates.split(","), [float(b) for b in args.budgets.split(",")]
     common = common_points(points)
     seeds = sorted({p["seed"] for p in points})
