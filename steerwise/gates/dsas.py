@@ -88,7 +88,8 @@ class DSASOptions(Options):
     calibrate: float | None = option(
         None, "rescale each DSAS gate so that a share Q of the negative tokens gets a gate "
               "below --gate-calibrate-eps and the median source token 1 − ε (default: off, the "
-              "paper's gate; 0.9 helped token-trained gates)", flag="--gate-calibrate",
+              "paper's gate; 0.9 halved the toxicity left at +5 %% in-domain perplexity on Gemma 3 "
+              "270M: docs/dsas-measured.md)", flag="--gate-calibrate",
         type=open_unit_interval, metavar="Q")
     calibrate_eps: float = option(0.1, "ε of --gate-calibrate", flag="--gate-calibrate-eps",
                                   type=open_unit_interval)
