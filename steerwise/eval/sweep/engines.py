@@ -56,8 +56,9 @@ class VllmSampler:
         if path.suffix == ".gguf" or (path.exists() and not (path / "config.json").is_file()):
             raise ValueError(
                 f"--engine vllm needs the model as an HF directory with a config.json (or a hub "
-                f"id), got {str(model_dir)!r}; a .gguf file converts with save_pretrained "
-                f"(docs/vllm.md, 'The reference real model')")
+                f"id), got {str(model_dir)!r}; to convert a .gguf file, load it with "
+                f"transformers (from_pretrained(dir, gguf_file=...)), drop "
+                f"config.quantization_config and save_pretrained")
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
