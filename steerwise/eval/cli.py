@@ -82,7 +82,8 @@ def _value(text: str) -> Any:
 
 def parse_gate_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME=KIND[,key=value,...]`` → (name, variant). Keys: ``control``, ``source``,
-    ``target`` (a named pool of the data), ``section.field`` (a field of a nested fit option, e.g. ``e2e.activation=relu``),
+    ``target`` (a named pool of the data), ``section.field`` (a field of a nested fit option,
+    e.g. ``e2e.activation=relu``),
     a ``DSASOptions`` field (e.g. ``train_on=tokens``), or another ``FitOptions`` field."""
     from ..fit import GATES, FitOptions
     from ..gates.dsas import DSASOptions

