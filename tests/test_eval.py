@@ -520,6 +520,50 @@ def test_sweep_fits_keep_lambda_one_unless_a_variant_asks_for_auto():
     assert (asked.default_strength, asked.first_token) == ("auto", "skip")
 
 
+def test_sweep_grid_auto_evaluates_each_recipes_default_strength(tmp_path, tokenizer):
+    """``--grid caa+dsas=auto,1``: the dsas recipes are fitted with default_strength="auto"
+    (the ungated ones are not), the point at each seed's own default λ is evaluated and marked,
+    and a resumed sweep reads λ back from the saved recipe without refitting."""
+    from steerwise.eval.cli import parse_grids
+    from steerwise.recipe import Recipe
+
+    grids = parse_grids(["caa=0.5", "caa+dsas=auto,1"], ["caa"], ["none", "dsas"])
+    assert grids == {"caa": [0.0, 0.5], "caa+dsas": [0.0, 1.0, "auto"]}
+    with pytest.raises(ValueError, match="numbers or 'auto'"):
+        parse_grids(["caa=0.5,strong"], ["caa"])
+    model = make_model("qwen2")
+    cfg = SweepConfig(methods=["caa"], gates=["none", "dsas"], strengths=grids, seeds=[0, 1],
+                      n_fit=4)
+    asked = []
+
+    class Fits(_Counter):
+        def fit(self, model, tok, source, control, target, opts, progress=False):
+            recipe = super().fit(model, tok, source, control, target, opts, progress)
+            asked.append((opts.gate, opts.default_strength))
+            if opts.default_strength == "auto":  # stands in for the held-out search
+                recipe.default_strength = 0.25 + 0.5 * len(self.fits)
+            return recipe
+
+    c1, logs = Fits(), []
+    kw = {"scorer": None, "progress": False}
+    points = run_sweep(model, tokenizer, _sweep_data(), cfg, tmp_path, fit_fn=c1.fit,
+                       eval_fn=c1.eval, log=logs.append, **kw)
+    assert sorted(asked) == [("dsas", "auto")] * 2 + [("none", 1.0)] * 2
+    defaults = sorted((p["seed"], p["strength"]) for p in points if p.get("default_strength"))
+    lam = {seed: Recipe.from_pretrained(tmp_path / "recipes" / f"caa__dsas__seed{seed}")
+           .default_strength for seed in (0, 1)}
+    assert defaults == [(0, lam[0]), (1, lam[1])] and lam[0] != lam[1]
+    assert any("default strength (auto)" in line for line in logs)
+    # base + none λ 0.5 + dsas λ 1 + dsas λ auto, per seed
+    assert len(points) == 8
+    rows = aggregate(points)
+    assert sum(bool(r.get("default_strength")) for r in rows) == 2
+    c2 = Fits()
+    again = run_sweep(model, tokenizer, _sweep_data(), cfg, tmp_path, fit_fn=c2.fit,
+                      eval_fn=c2.eval, log=lambda s: None, **kw)
+    assert c2.fits == [] and c2.evals == [] and len(again) == 8
+
+
 class _RecordingSampler:
     """Stands in for the vLLM engine: records what the sweep asks and answers each request with
     text that says how it was steered ("toxic" for unsteered requests)."""

@@ -20,6 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..strength import AUTO
+
 console = Console()
 
 # strength grids per method (λ = 0, the unsteered model, is always added)
@@ -37,22 +39,34 @@ QUICK: dict[str, int] = {
 }
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--grid: expected comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not math.isfinite(v)]
+def _floats(text: str) -> list[float | str]:
+    """Comma-separated strengths; ``auto`` stands for each recipe's default strength."""
+    values: list[float | str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item.lower() == AUTO:
+            values.append(AUTO)
+            continue
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"--grid: expected comma-separated numbers or 'auto', got "
+                             f"{text!r}") from None
+    bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise ValueError(f"--grid: strengths must be finite numbers, got {bad[0]} in {text!r}")
     return values
 
 
 def parse_grids(specs: list[str] | None, methods: list[str],
-                gates: list[str] | None = None) -> dict[str, list[float]]:
+                gates: list[str] | None = None) -> dict[str, list[float | str]]:
     """``--grid 0.5,1,2`` (all methods), ``--grid caa=0.5,1,2`` (one method) or
-    ``--grid caa+none=0.1,0.2`` (one method with one gate), repeatable."""
-    grids = {m: list(DEFAULT_GRIDS.get(m, FALLBACK_GRID)) for m in methods}
+    ``--grid caa+none=0.1,0.2`` (one method with one gate), repeatable. ``auto`` in a grid is
+    the default strength each recipe's fit chooses (``fit --strength auto``), evaluated as a
+    point of its own."""
+    grids: dict[str, list[float | str]] = {m: list(DEFAULT_GRIDS.get(m, FALLBACK_GRID))
+                                           for m in methods}
     for spec in specs or []:
         name, sep, values = spec.partition("=")
         if sep:
@@ -66,9 +80,11 @@ def parse_grids(specs: list[str] | None, methods: list[str],
             for m in methods:
                 grids[m] = _floats(name)
     for m, g in grids.items():
-        if not g or any(v < 0 for v in g):
-            raise ValueError(f"strength grid of {m!r} must be non-negative numbers: {g}")
-        grids[m] = sorted({0.0, *g})
+        numbers = [v for v in g if v != AUTO]
+        if not g or any(v < 0 for v in numbers):  # type: ignore[operator]
+            raise ValueError(f"strength grid of {m!r} must be non-negative numbers or 'auto': "
+                             f"{g}")
+        grids[m] = [*sorted({0.0, *numbers}), *([AUTO] if AUTO in g else [])]  # type: ignore
     return grids
 
 
@@ -150,7 +166,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                          f"given with --gate-variant ({', '.join(variants) or 'none'})")
     grids = parse_grids(args.grid, methods, gates)
     if quick and not args.grid:
-        grids = {m: [0.0] + [v for v in g if v][1::2][:QUICK["grid_points"]] for m, g in grids.items()}
+        grids = {m: [0.0] + [v for v in g if v][1::2][:QUICK["grid_points"]]
+                 for m, g in grids.items()}
     seeds = args.seeds or ([0] if quick else [0, 1])
 
     data = _load_data(args, quick)
@@ -323,8 +340,10 @@ def register(subparsers) -> None:
                         "section.field)")
     p.add_argument("--grid", action="append",
                    help="strengths: '0.5,1,2' for all methods, 'caa=0.5,1,2' for one, "
-                        "'caa+none=0.1,0.2' for one method with one gate (repeatable; default: "
-                        "per method, see docs/evaluation.md)")
+                        "'caa+none=0.1,0.2' for one method with one gate; 'auto' in a grid: "
+                        "each recipe's default strength, chosen on held-out fit texts as "
+                        "'fit --strength auto' does (repeatable; default: per method, see "
+                        "docs/evaluation.md)")
     p.add_argument("--seeds", type=_seed_list,
                    help="fit/generation seeds, e.g. 0,1 (default: 0,1; --quick: 0)")
     p.add_argument("--n-fit", type=positive_int, default=32, help="examples per fitting set")

@@ -19,7 +19,9 @@ METRICS = ("toxicity", "toxicity_mean", "benign_toxicity", "benign_toxicity_mean
 
 def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean (and std) over seeds per (method, gate, strength). The shared base point (λ = 0) is
-    copied into every (method, gate) curve so each front starts at the unsteered model."""
+    copied into every (method, gate) curve so each front starts at the unsteered model. Points
+    at a recipe's own default strength (grid ``auto``) differ in λ from seed to seed, so they
+    stay rows of one seed each, marked ``default_strength``."""
     base = [p for p in points if p["method"] == BASE]
     combos = sorted({(p["method"], p["gate"]) for p in points if p["method"] != BASE})
     rows = []
@@ -34,6 +36,8 @@ def aggregate(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(BASE, "none", 0.0)] = base
     for (m, g, s), ps in sorted(groups.items()):
         row: dict[str, Any] = {"method": m, "gate": g, "strength": s, "n_seeds": len(ps)}
+        if all(p.get("default_strength") for p in ps):
+            row["default_strength"] = True
         for k in METRICS:
             vals = [p[k] for p in ps if isinstance(p.get(k), (int, float))]
             if vals:

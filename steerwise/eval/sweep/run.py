@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...recipe import Recipe
+from ...strength import AUTO
 from ..generation import evaluate_toxicity, score_continuations, truncate_left
 from ..mmlu import evaluate_mmlu, model_choice_scorer, token_counter
 from ..perplexity import conditional_perplexity, corpus_perplexity
@@ -137,16 +138,6 @@ def run_sweep(
     _drop_partial_line(out)
     done = {point_key(p["method"], p["gate"], p["seed"], p["strength"]) for p in read_points(out)}
 
-    todo: list[Point] = []
-    for seed in config.seeds:
-        todo.append((BASE, "none", seed, 0.0))
-        for m in config.methods:
-            for g in config.gates:
-                grid = config.strengths.get(f"{m}+{g}", config.strengths[m])
-                todo += [(m, g, seed, float(s)) for s in grid if s != 0]
-    remaining = [t for t in todo if point_key(*t) not in done]
-    if len(remaining) < len(todo):
-        log(f"resuming: {len(todo) - len(remaining)} of {len(todo)} points already in {out}")
     recipes: dict[tuple[str, str, int], Recipe | None] = {}
     failures: dict[str, str] = {}
 
@@ -156,6 +147,26 @@ def run_sweep(
             recipes[key] = _fit_or_load(model, tokenizer, data, config, out, method, gate, seed,
                                         fit_fn, failures, log)
         return recipes[key]
+
+    todo: list[Point] = []
+    at_default: set[str] = set()  # keys of the points at a recipe's default strength ("auto")
+    for seed in config.seeds:
+        todo.append((BASE, "none", seed, 0.0))
+        for m in config.methods:
+            for g in config.gates:
+                for s in config.strengths.get(f"{m}+{g}", config.strengths[m]):
+                    if s == AUTO:  # the recipe's default strength: known once it is fitted
+                        recipe = recipe_of(m, g, seed)
+                        if recipe is None:
+                            continue
+                        s = recipe.default_strength
+                        at_default.add(point_key(m, g, seed, float(s)))
+                        log(f"[{m}+{g} seed {seed}] default strength (auto): λ = {s:g}")
+                    if s != 0 and (m, g, seed, float(s)) not in todo:
+                        todo.append((m, g, seed, float(s)))
+    remaining = [t for t in todo if point_key(*t) not in done]
+    if len(remaining) < len(todo):
+        log(f"resuming: {len(todo) - len(remaining)} of {len(todo)} points already in {out}")
 
     samples: dict[str, dict[str, Any]] = {}
     if sampler is not None and remaining:
@@ -179,6 +190,8 @@ def run_sweep(
             metrics = eval_fn(model, tokenizer, data, scorer, config, recipe, strength, seed)
         point = {"method": method, "gate": gate, "seed": seed, "strength": strength, **metrics,
                  **extra}
+        if point_key(method, gate, seed, strength) in at_default:
+            point["default_strength"] = True
         _append_point(out, point)
         bar.update(1)
     bar.close()

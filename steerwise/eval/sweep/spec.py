@@ -7,6 +7,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...strength import AUTO
 from ..generation import GenerationConfig
 from ..mmlu import MMLUQuestion
 
@@ -74,8 +75,9 @@ class SweepConfig:
     methods: list[str]
     gates: list[str] = field(default_factory=lambda: ["none", "dsas"])
     gate_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # per method, or per "method+gate" (gated curves often need larger λ than ungated ones)
-    strengths: dict[str, list[float]] = field(default_factory=dict)
+    # per method, or per "method+gate" (gated curves often need larger λ than ungated ones);
+    # "auto" in a grid: each recipe's default strength (fitted with default_strength="auto")
+    strengths: dict[str, list[float | str]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     n_fit: int = 32
     site: str = "residual"
@@ -128,9 +130,10 @@ def build_fit_options(method: str, gate: str, config: SweepConfig):
 
     variant = gate_variant(gate, config)
     # the sweep steers at its own λ grid: no default strength is searched (and no text held out)
-    # unless its fit_options ask for default_strength="auto"
+    # unless the grid of (method, gate) holds "auto" or its fit_options ask for it
+    auto = AUTO in config.strengths.get(f"{method}+{gate}", config.strengths.get(method, []))
     opts = FitOptions(method=method, gate=variant["gate"], site=config.site, layers=config.layers,
-                      batch_size=config.batch_size, default_strength=1.0)
+                      batch_size=config.batch_size, default_strength=AUTO if auto else 1.0)
     overrides = dict(config.fit_options)
     per_method = overrides.pop("per_method", {}).get(method, {})
     return opts.updated(_merge(_merge(overrides, per_method), variant["fit_options"]),
