@@ -81,6 +81,12 @@ def test_fit_gate_design_flags(model_dir, tmp_path):
     assert (dsas["train_on"], dsas["negatives"], dsas["calibrate"]) == (
         "tokens", "control+target", 0.8)
     assert "negatives_below_eps" in recipe.entries[0].diagnostics  # values: test_gate_variants
+    rc = main(["fit", "--model", str(model_dir), "--source", str(tmp_path / "s.txt"),
+               "--control", str(tmp_path / "c.txt"), "--cv-folds", "3", "--layers", "1",
+               "--strength", "1", "--gate-calibrate", "off", "--out", str(tmp_path / "paper")])
+    paper = Recipe.from_pretrained(tmp_path / "paper")
+    assert rc == 0 and paper.fit_info["options"]["dsas"]["calibrate"] is None
+    assert "negatives_below_eps" not in paper.entries[0].diagnostics
 
 
 def test_cli_errors_are_one_clear_line(model_dir, tmp_path, capsys):

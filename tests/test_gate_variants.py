@@ -120,12 +120,38 @@ def test_calibration_puts_the_chosen_share_of_negatives_below_eps():
     (dict(train_on="words"), "train_on"),
     (dict(negatives="target"), "negatives"),
     (dict(calibrate=1.5), "calibrate"),
+    (dict(calibrate="maybe"), "calibrate"),
+    (dict(calibrate=True), "calibrate"),
     (dict(calibrate_eps=0.7), "calibrate_eps"),
     (dict(n_components=0), "n_components"),
 ])
 def test_bad_dsas_options_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DSASOptions(**kwargs)
+
+
+def test_gates_are_calibrated_by_default_and_off_switches_it_off():
+    """Calibration at 0.9 is the default since the Gemma 3 270M fronts (docs/dsas-measured.md);
+    'off' (a flag, a sweep variant) or None gives the paper's gate as fitted; diffusion gates,
+    which have no token pass, are never calibrated."""
+    import argparse
+
+    from steerwise.diffusion.fit import DiffusionFitOptions, _check
+    from steerwise.eval.cli import parse_gate_variant
+    from steerwise.fit import FitOptions
+    from steerwise.gates.dsas import share_or_off
+
+    assert DSASOptions().calibrate == FitOptions().dsas.calibrate == 0.9
+    assert DSASOptions(calibrate="off").calibrate is None
+    assert DSASOptions(calibrate=" None ").calibrate is None
+    assert share_or_off("OFF") is None and share_or_off("0.8") == 0.8
+    for bad in ("1", "0", "nan", "most"):
+        with pytest.raises(argparse.ArgumentTypeError, match="share in \\(0, 1\\) or 'off'"):
+            share_or_off(bad)
+    _, variant = parse_gate_variant("paper=dsas,calibrate=off")
+    assert FitOptions().updated(variant["fit_options"]).dsas.calibrate is None
+    assert DiffusionFitOptions().dsas.calibrate is None
+    assert _check(DiffusionFitOptions(dsas=DSASOptions(threshold=0.5))).calibrate is None
 
 
 def test_fit_token_contrastive_calibrated_gate_end_to_end(tokenizer, tmp_path):

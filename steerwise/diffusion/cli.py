@@ -73,7 +73,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, rows=args.rows, same_noise=args.same_noise,
         default_strength=args.strength,
         dsas=DSASOptions(n_components=args.n_components, cv_folds=args.cv_folds,
-                         threshold=args.threshold, below_threshold=args.below_threshold),
+                         threshold=args.threshold, below_threshold=args.below_threshold,
+                         calibrate=None),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -66,7 +66,8 @@ class DiffusionFitOptions:
     negative_prompt: str | None = None
     same_noise: bool = False
     default_strength: float = 1.0
-    dsas: DSASOptions = field(default_factory=DSASOptions)
+    # calibration (a second pass over token activations) has no diffusion counterpart
+    dsas: DSASOptions = field(default_factory=lambda: DSASOptions(calibrate=None))
     map_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -106,9 +107,9 @@ def _check(opts: DiffusionFitOptions) -> DSASOptions:
         raise ValueError("map_from must be 'source+control' or 'source'")
     if opts.rows not in ("cond", "uncond", "all"):
         raise ValueError("rows must be 'cond', 'uncond' or 'all'")
-    if opts.gate == "dsas-adaptive":
-        return DSASOptions(**{**asdict(opts.dsas), "adaptive": True})
-    return opts.dsas
+    # gates of a pipeline are not calibrated: there is no token pass to calibrate them on
+    dsas = {**asdict(opts.dsas), "calibrate": None}
+    return DSASOptions(**{**dsas, "adaptive": True} if opts.gate == "dsas-adaptive" else dsas)
 
 
 def fit_entry(

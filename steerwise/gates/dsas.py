@@ -14,12 +14,13 @@ Variants measured in docs/dsas-measured.md (each an option of ``DSASOptions``):
   domain of the source (e.g. tweets) cannot separate the classes on its own.
 * ``apply_on="prefix-mean"``: at run time the gate reads the mean activation of the sequence so
   far instead of the current token's — trained on text means, applied on (causal) text means.
-* ``calibrate=q`` (default ``None``: the paper's gate as fitted): after the fit, a temperature
-  and a bias set so that a share ``q`` of the negative tokens gets a gate below
+* ``calibrate=q`` (default 0.9; ``None`` or ``"off"``: the paper's gate as fitted): after the
+  fit, a temperature and a bias set so that a share ``q`` of the negative tokens gets a gate below
   ``calibrate_eps`` and the median source token a gate of ``1 − calibrate_eps`` (bias only when
   the medians are not separated). ``steerwise.fit`` computes the per-token logits in a second
-  pass over the texts. Not the default: with a generic control set its gain was within the seed
-  spread (docs/dsas-measured.md); it clearly helps token-trained gates.
+  pass over the texts. The default since the Gemma 3 270M fronts: at equal in-domain perplexity
+  it left 0.41× the ungated map's toxicity at +5 % and 0.27× at +10 % (3 seeds), where the
+  uncalibrated gate left 0.62× and 0.39× (docs/dsas-measured.md, "Gate designs").
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ from ..options import (
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 APPLY_ON = ("tokens", "prefix-mean")
+OFF = ("off", "none")  # how ``calibrate`` is switched off in text (a flag, a sweep variant)
+
+
+def share_or_off(text: str) -> float | None:
+    """Command-line type of ``--gate-calibrate``: a share in (0, 1), or ``off`` (None)."""
+    import argparse
+
+    if text.strip().lower() in OFF:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1) or 'off', got {text!r}")
+    return value
 
 
 @dataclass
@@ -86,11 +103,11 @@ class DSASOptions(Options):
                    "target texts (the contrastive gate)", flag="--gate-negatives",
         choices=("control", "control+target"))
     calibrate: float | None = option(
-        None, "rescale each DSAS gate so that a share Q of the negative tokens gets a gate "
-              "below --gate-calibrate-eps and the median source token 1 − ε (default: off, the "
-              "paper's gate; 0.9 halved the toxicity left at +5 %% in-domain perplexity on Gemma 3 "
-              "270M: docs/dsas-measured.md)", flag="--gate-calibrate",
-        type=open_unit_interval, metavar="Q")
+        0.9, "rescale each DSAS gate so that a share Q of the negative tokens gets a gate below "
+             "--gate-calibrate-eps and the median source token 1 − ε; 'off': the paper's gate as "
+             "fitted (at +5 %% perplexity on Gemma 3 270M, 0.9 left 4.8 %% toxicity, the "
+             "uncalibrated gate 7.2 %%: docs/dsas-measured.md)", flag="--gate-calibrate",
+        type=share_or_off, metavar="Q|off")
     calibrate_eps: float = option(0.1, "ε of --gate-calibrate", flag="--gate-calibrate-eps",
                                   type=open_unit_interval)
     apply_on: Literal["tokens", "prefix-mean"] = option(
@@ -103,8 +120,12 @@ class DSASOptions(Options):
         if self.negatives not in ("control", "control+target"):
             raise ValueError(f"DSAS negatives must be 'control' or 'control+target' "
                              f"(got {self.negatives!r})")
-        if self.calibrate is not None and not 0.0 < self.calibrate < 1.0:
-            raise ValueError(f"DSAS calibrate is a share in (0, 1) (got {self.calibrate})")
+        if isinstance(self.calibrate, str) and self.calibrate.strip().lower() in OFF:
+            self.calibrate = None
+        if self.calibrate is not None and (isinstance(self.calibrate, (bool, str))
+                                           or not 0.0 < self.calibrate < 1.0):
+            raise ValueError(f"DSAS calibrate is a share in (0, 1), or None / 'off' for the "
+                             f"uncalibrated gate (got {self.calibrate!r})")
         if not 0.0 < self.calibrate_eps < 0.5:
             raise ValueError(f"DSAS calibrate_eps must be in (0, 0.5) (got {self.calibrate_eps})")
         if self.apply_on not in APPLY_ON:
