@@ -204,7 +204,11 @@ def test_continuation_logprobs_padding_invariant(tokenizer):
     for i in range(3):
         s1, _ = continuation_logprobs(model, tokenizer, [ctx[i]], [cont[i]], batch_size=1)
         assert sums[i] == pytest.approx(s1[0], abs=1e-4)
+    seen: list[dict] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     lp = next_token_logprobs(model, tokenizer, ["the dog", "a big red car runs on the"])
+    hook.remove()
+    assert [kw.get("logits_to_keep") for kw in seen] == [1]  # the LM head on the last position
     first = tokenizer(" runs", add_special_tokens=False)["input_ids"][0]
     assert lp[0, first] == pytest.approx(sums[0], abs=1e-4)
     cp = conditional_perplexity(model, tokenizer, ctx[:2], cont[:2])

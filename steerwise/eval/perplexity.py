@@ -15,6 +15,7 @@ see each sequence exactly as in generation (every forward here is a fresh prefil
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -249,12 +250,16 @@ def next_token_logprobs(
     rows = [lead + r for r in rows]
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
     out: np.ndarray | None = None
     with steered(model, recipe, strength):
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for idx in tqdm(batches, desc="next token", disable=not progress, leave=False):
             ids, mask = pad_batch([rows[i] for i in idx], tokenizer.pad_token_id, device)
-            logits = model(**forward_kwargs(model, ids, mask), use_cache=False).logits[:, -1]
+            kwargs = forward_kwargs(model, ids, mask)
+            if last_only:  # the LM head on the last position only (a 262k vocabulary: most of
+                kwargs["logits_to_keep"] = 1  # the cost and GBs of logits for long contexts)
+            logits = model(**kwargs, use_cache=False).logits[:, -1]
             lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
             if out is None:
                 out = np.empty((len(rows), lp.shape[-1]))
