@@ -60,11 +60,20 @@ def random_recipes(model_dir: str, out: Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+def random_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of ``length`` random token ids in [10, vocab)."""
+    rnd = random.Random(seed)
+    return [[rnd.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
 def make_engine(model: str, recipes: dict[str, Path] | None, eager: bool, args):
     from vllm import LLM
 
     import steerwise.vllm as sv
 
+    # vLLM 0.32 picks Model Runner V2 wherever Triton is installed (so on CUDA, config/vllm.py,
+    # use_v2_model_runner); steerwise.vllm needs the V1 runner, and vanilla gets the same runner
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     extra = sv.engine_args({k: str(v) for k, v in recipes.items()}) if recipes else {}
     kw = {"enforce_eager": eager, "seed": 0, "max_model_len": args.prompt_len + args.tokens + 8,
           "max_num_seqs": args.prompts, "enable_prefix_caching": False, "dtype": args.dtype}
@@ -98,6 +107,62 @@ def timed(llm, prompts, recipe: str | None, strength: float, tokens: int) -> flo
     return n / dt
 
 
+def compare(model: str, recipes: dict[str, Path], eager: bool, prompts: list[list[int]], args,
+            deadline: float | None = None) -> dict:
+    """One mode: a vanilla and a steered engine alive side by side, the cases (vanilla, strength
+    0, 1 layer, all layers) timed in rotating order; tok/s per run, the ratios and each engine's
+    start time. ``deadline`` (``time.monotonic()``): no new round of repeats that would end
+    after it (at least one round runs)."""
+    # both engines alive, cases in rotating order: the machine's load drifts over minutes
+    starts: dict[str, float] = {}
+    engines: dict = {}
+    try:
+        for eng, rec in (("vanilla", None), ("steered", recipes)):
+            t0 = time.monotonic()
+            engines[eng] = make_engine(model, rec, eager, args)
+            starts[eng] = time.monotonic() - t0
+        cases = [("vanilla", "vanilla", None, 0.0), ("strength 0", "steered", "one", 0.0),
+                 ("1 layer", "steered", "one", args.strength),
+                 ("all layers", "steered", "all", args.strength)]
+        runs: dict[str, list[float]] = {label: [] for label, *_ in cases}
+        for _, eng, name, s in cases:  # warm-up
+            timed(engines[eng], prompts, name, s, args.tokens)
+        for r in range(args.repeats):
+            t0 = time.monotonic()
+            for label, eng, name, s in cases[r % 4:] + cases[: r % 4]:
+                runs[label].append(timed(engines[eng], prompts, name, s, args.tokens))
+            if deadline is not None and time.monotonic() + (time.monotonic() - t0) > deadline:
+                break
+    finally:
+        for llm in engines.values():
+            close(llm)
+    base = statistics.median(runs["vanilla"])
+    return {**{f"{k}_tok_s": v for k, v in runs.items()},
+            "throughput_ratio": {k: statistics.median(v) / base
+                                 for k, v in runs.items() if k != "vanilla"},
+            # best run of each: the least disturbed by other load on the machine
+            "best_ratio": {k: max(v) / max(runs["vanilla"])
+                           for k, v in runs.items() if k != "vanilla"},
+            "engine_start_s": starts}
+
+
+def summary(mode: str, res: dict) -> str:
+    """One line: vanilla's median tok/s, then each case's median, ratio and best ratio."""
+    runs = {k[: -len("_tok_s")]: v for k, v in res.items() if k.endswith("_tok_s")}
+    base = statistics.median(runs["vanilla"])
+    return f"{mode}: vanilla {base:.1f} tok/s (median); " + "; ".join(
+        f"{k} {statistics.median(v):.1f} tok/s ({res['throughput_ratio'][k]:.3f}x, "
+        f"best {res['best_ratio'][k]:.3f}x)" for k, v in runs.items() if k != "vanilla")
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(TESTBED))
@@ -123,47 +188,18 @@ def main() -> None:
     if not on_gpu and args.kv_cache_bytes is None:
         args.kv_cache_bytes = 1 << 30
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
-    rnd = random.Random(0)
-    prompts = [[rnd.randrange(10, vocab) for _ in range(args.prompt_len)]
-               for _ in range(args.prompts)]
+    prompts = random_prompts(vocab, args.prompts, args.prompt_len)
     tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
     recipes = random_recipes(args.model, tmp)
     results: dict[str, dict] = {}
     for mode in args.modes.split(","):
-        eager = mode == "eager"
-        # both engines alive, cases in rotating order: the machine's load drifts over minutes
-        engines = {"vanilla": make_engine(args.model, None, eager, args)}
-        try:
-            engines["steered"] = make_engine(args.model, recipes, eager, args)
-            cases = [("vanilla", "vanilla", None, 0.0), ("strength 0", "steered", "one", 0.0),
-                     ("1 layer", "steered", "one", args.strength),
-                     ("all layers", "steered", "all", args.strength)]
-            runs: dict[str, list[float]] = {label: [] for label, *_ in cases}
-            for _, eng, name, s in cases:  # warm-up
-                timed(engines[eng], prompts, name, s, args.tokens)
-            for r in range(args.repeats):
-                for label, eng, name, s in cases[r % 4:] + cases[: r % 4]:
-                    runs[label].append(timed(engines[eng], prompts, name, s, args.tokens))
-        finally:
-            for llm in engines.values():
-                close(llm)
-        base = statistics.median(runs["vanilla"])
-        results[mode] = {**{f"{k}_tok_s": v for k, v in runs.items()},
-                         "throughput_ratio": {k: statistics.median(v) / base
-                                              for k, v in runs.items() if k != "vanilla"},
-                         # best run of each: the least disturbed by other load on the machine
-                         "best_ratio": {k: max(v) / max(runs["vanilla"])
-                                        for k, v in runs.items() if k != "vanilla"}}
-        print(f"{mode}: vanilla {base:.1f} tok/s (median); " + "; ".join(
-            f"{k} {statistics.median(v):.1f} tok/s ({statistics.median(v) / base:.3f}x, "
-            f"best {max(v) / max(runs['vanilla']):.3f}x)"
-            for k, v in runs.items() if k != "vanilla"), flush=True)
+        results[mode] = compare(args.model, recipes, mode == "eager", prompts, args)
+        print(summary(mode, results[mode]), flush=True)
     report = {
         "command": "python benchmarks/bench_vllm.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k not in ("out",) and v is not None),
-        "model": args.model, "device": torch.cuda.get_device_name() if on_gpu else
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)",
+        "model": args.model, "device": device_name(),
         "vllm": vllm.__version__, "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"), "prompts": args.prompts, "prompt_len": args.prompt_len,
         "tokens": args.tokens, "repeats": args.repeats, "strength": args.strength,
