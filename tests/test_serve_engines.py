@@ -242,9 +242,9 @@ def recipe_dir(tmp_path):
 
 @pytest.fixture()
 def clean_env(monkeypatch):
-    from steerwise.vllm import ENV_RECIPES, ENV_SERVER
+    from steerwise.vllm import ENV_RECIPES, ENV_SERVER, ENV_V2_RUNNER
 
-    for name in (ENV_RECIPES, ENV_SERVER, "VLLM_API_KEY", "STEERWISE_API_KEY"):
+    for name in (ENV_RECIPES, ENV_SERVER, ENV_V2_RUNNER, "VLLM_API_KEY", "STEERWISE_API_KEY"):
         monkeypatch.setenv(name, "")  # restored (or removed) after the test
         monkeypatch.delenv(name)
 
@@ -288,6 +288,22 @@ def test_shared_flags_map_onto_vllms_server(recipe_dir, clean_env):
                        "--uvicorn-log-level", "info"]
     assert json.loads(env[ENV_SERVER])["max_strength"] == ServerConfig().max_strength
     assert "VLLM_API_KEY" not in env
+
+
+def test_engine_args_ask_for_vllms_v1_runner_unless_the_user_chose(recipe_dir, clean_env,
+                                                                   monkeypatch):
+    """vLLM 0.32 picks Model Runner V2 wherever Triton is installed (CUDA), which the steering
+    worker refuses: engine_args sets VLLM_USE_V2_MODEL_RUNNER=0 when it is unset, and leaves a
+    user's own value (the worker then names the problem)."""
+    import os
+
+    from steerwise.vllm import ENV_V2_RUNNER, engine_args
+
+    engine_args({RECIPE: recipe_dir})
+    assert os.environ[ENV_V2_RUNNER] == "0"
+    monkeypatch.setenv(ENV_V2_RUNNER, "1")
+    engine_args({RECIPE: recipe_dir})
+    assert os.environ[ENV_V2_RUNNER] == "1"
 
 
 HF_ONLY_FLAGS = [("--demo",), ("--device", "cpu"), ("--gguf-file", "m.gguf"),

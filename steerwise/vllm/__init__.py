@@ -31,6 +31,9 @@ from .runtime import XARG_RECIPE, XARG_STRENGTH, SteeringRequestError, parse_req
 WORKER_CLS = "steerwise.vllm.worker.SteeringWorker"
 VALIDATOR_CLS = "steerwise.vllm.validate:SteeringValidator"
 ENV_RECIPES = "STEERWISE_VLLM_RECIPES"  # {name: default strength}, set by engine_args
+# vLLM 0.32 picks Model Runner V2 wherever Triton is installed (every CUDA install) unless this
+# says otherwise; the steering worker routes tokens through the V1 runner
+ENV_V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 ENV_SERVER = "STEERWISE_VLLM_SERVER"  # {default_recipe, default_strength, max_strength}: serve
 
 __all__ = [
@@ -52,7 +55,9 @@ def engine_args(recipes: Mapping[str, str | os.PathLike], **overrides: Any) -> d
     """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` that load ``recipes`` ({name: recipe
     directory}) into every worker and check each request's steering fields in the front end.
 
-    Also sets ``STEERWISE_VLLM_RECIPES`` in this process (the names the front-end check knows).
+    Also sets ``STEERWISE_VLLM_RECIPES`` in this process (the names the front-end check knows)
+    and, unless it is set already, ``VLLM_USE_V2_MODEL_RUNNER=0`` (vLLM's V1 model runner, the
+    one the steering worker routes tokens through; unset, vLLM 0.32 picks V2 on CUDA).
     ``overrides`` are merged in (e.g. ``additional_config`` entries of your own are kept).
     """
     from ..recipe import Recipe
@@ -69,6 +74,7 @@ def engine_args(recipes: Mapping[str, str | os.PathLike], **overrides: Any) -> d
             raise ValueError(f"steerwise.vllm: recipe {name!r} ({p}): {exc}") from exc
         paths[str(name)] = str(p)
     os.environ[ENV_RECIPES] = json.dumps(defaults)
+    os.environ.setdefault(ENV_V2_RUNNER, "0")  # a user's own choice is kept (V2 is refused)
     extra = dict(overrides.pop("additional_config", None) or {})
     extra["steerwise"] = {"recipes": paths}
     procs = list(overrides.pop("logits_processors", None) or [])
