@@ -10,7 +10,9 @@ seed-mean front uses only the λ values every seed has (a λ measured on one see
 enter the mean as if it were one); each seed's own front uses the same λ values. Where a front
 ends below the budget, its last point within it is taken. ``--seeds`` keeps those seeds only (a
 screen run on one seed), ``--method`` one method's points (and the unsteered ones). Prints a
-table and writes JSON.
+table and writes JSON. Points at a recipe's own default strength (a sweep's grid ``auto``) are
+listed per seed with the ungated front (and each ``--gates`` front) read at their perplexity: is
+the default strength on the front, and within which budget?
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from steerwise.eval.pareto import interpolate_front
 from steerwise.eval.sweep.analysis import aggregate, compare_gates
 from steerwise.eval.sweep.spec import BASE
 
@@ -52,6 +55,27 @@ def reading(points: list[dict], gates: list[str], budgets: list[float]) -> dict[
                                    ("none", "toxicity_without_at", "toxicity_without")):
                 v = c[at] if not math.isnan(c[at]) else c[best]
                 out[f"{name}@{budget:.3g}"] = v
+    return out
+
+
+def at_defaults(points: list[dict], gates: list[str]) -> list[dict]:
+    """Each default-strength point with its in-domain perplexity change and the toxicity of the
+    ungated front and of each gate's front of its seed at that perplexity (NaN: off the front's
+    range)."""
+    out = []
+    for p in sorted((p for p in points if p.get("default_strength")),
+                    key=lambda p: (p["gate"], p["seed"])):
+        mine = [q for q in points if q["seed"] == p["seed"] and not q.get("default_strength")]
+        base = next(q for q in mine if q["method"] == BASE)
+        row = {"gate": p["gate"], "seed": p["seed"], "strength": p["strength"],
+               "toxicity": p["toxicity"], "unsteered_toxicity": base["toxicity"],
+               "ppl_change": p["ppl_nontoxic"] / base["ppl_nontoxic"] - 1}
+        for g in ["none", *gates]:
+            curve = [q for q in mine if q["method"] == BASE or q["gate"] == g]
+            row[f"{g}_front"] = interpolate_front([q["toxicity"] for q in curve],
+                                                  [q["ppl_nontoxic"] for q in curve],
+                                                  p["ppl_nontoxic"], higher_is_better=False)
+        out.append(row)
     return out
 
 
@@ -88,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
             per = " / ".join(f"{100 * result['seeds'][s][key]:.0f}" for s in seeds)
             cells.append(f"{100 * result['mean'][key]:.1f} % ({per})")
         print(f"| {b:g}× | " + " | ".join(cells) + " |")
+    defaults = at_defaults(points, gates)
+    if defaults:
+        result["defaults"] = defaults
+        print("\nat the recipe's default strength (grid 'auto'), and the fronts read at its "
+              "in-domain perplexity")
+        print("| gate | seed | λ | toxicity (unsteered) | in-domain ppl Δ | "
+              + " | ".join(f"{g} front" for g in ["none", *gates]) + " |")
+        print("|---" * (len(gates) + 6) + "|")
+        for r in defaults:
+            fronts = " | ".join("–" if math.isnan(r[f"{g}_front"]) else
+                                f"{100 * r[f'{g}_front']:.1f} %" for g in ["none", *gates])
+            print(f"| {r['gate']} | {r['seed']} | {r['strength']:g} | "
+                  f"{100 * r['toxicity']:.0f} % ({100 * r['unsteered_toxicity']:.0f} %) | "
+                  f"{100 * r['ppl_change']:+.1f} % | {fronts} |")
     out = Path(args.out) if args.out else sweep / "fronts.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"→ {out}")
