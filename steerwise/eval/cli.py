@@ -203,7 +203,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                           gguf_file=args.gguf_file)
     t0 = time.perf_counter()
     points = run_sweep(model, tok, data, config, out, scorer=scorer, progress=not args.no_progress,
-                       log=lambda s: console.print(s), sampler=sampler,
+                       log=lambda s: console.print(s, markup=False), sampler=sampler,
                        points_per_batch=args.points_per_batch)
     files = write_tables(points, out)
     rows = aggregate(points)
