@@ -528,6 +528,9 @@ def test_queue_bound_counts_beyond_free_rows():
 
         engine.submit(Job([5, 6, 7], 4, emit))
         assert done.acquire(timeout=30) and events[-1].kind == "done"
+        deadline = time.monotonic() + 30  # "done" is sent before the worker retires the row
+        while engine.load()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         with engine._cond:  # hold the worker between steps: two wait for the two free rows
             engine.submit(Job([5, 6], 2, emit))
             engine.submit(Job([7, 8], 2, emit))
