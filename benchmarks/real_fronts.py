@@ -41,13 +41,15 @@ def common_points(points: list[dict]) -> list[dict]:
             or have[(p["method"], p["gate"], p["strength"])] == seeds]
 
 
-def reading(points: list[dict], gates: list[str], budgets: list[float]) -> dict[str, dict]:
-    """{f"{gate}@{budget}": toxicity} plus the ungated "none@{budget}", for one set of points."""
+def reading(points: list[dict], gates: list[str], budgets: list[float],
+            baseline: str = "none") -> dict[str, dict]:
+    """{f"{gate}@{budget}": toxicity} plus the ungated "none@{budget}" (the ``baseline`` gate's
+    front), for one set of points."""
     rows = aggregate(points)
     base = next(r["ppl_nontoxic"] for r in rows if r["strength"] == 0.0)
     out: dict[str, float] = {}
     for gate in gates:
-        for c in compare_gates(rows, gate=gate, ppl_factors=budgets):
+        for c in compare_gates(rows, gate=gate, baseline_gate=baseline, ppl_factors=budgets):
             if c["utility"] != "ppl_nontoxic":
                 continue
             budget = c["budget_value"] / base
@@ -58,7 +60,7 @@ def reading(points: list[dict], gates: list[str], budgets: list[float]) -> dict[
     return out
 
 
-def at_defaults(points: list[dict], gates: list[str]) -> list[dict]:
+def at_defaults(points: list[dict], gates: list[str], baseline: str = "none") -> list[dict]:
     """Each default-strength point with its in-domain perplexity change and the toxicity of the
     ungated front and of each gate's front of its seed at that perplexity (NaN: off the front's
     range)."""
@@ -71,7 +73,8 @@ def at_defaults(points: list[dict], gates: list[str]) -> list[dict]:
                "toxicity": p["toxicity"], "unsteered_toxicity": base["toxicity"],
                "ppl_change": p["ppl_nontoxic"] / base["ppl_nontoxic"] - 1}
         for g in ["none", *gates]:
-            curve = [q for q in mine if q["method"] == BASE or q["gate"] == g]
+            curve = [q for q in mine
+                     if q["method"] == BASE or q["gate"] == (baseline if g == "none" else g)]
             row[f"{g}_front"] = interpolate_front([q["toxicity"] for q in curve],
                                                   [q["ppl_nontoxic"] for q in curve],
                                                   p["ppl_nontoxic"], higher_is_better=False)
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="in-domain perplexity budgets, × unsteered")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: all)")
     ap.add_argument("--method", default="caa", help="the method whose fronts are read")
+    ap.add_argument("--baseline", default="none",
+                    help="the ungated curve's gate name (e.g. a 'none' variant; default: none)")
     ap.add_argument("--out", default=None, help="JSON to write (default: SWEEP/fronts.json)")
     args = ap.parse_args(argv)
     sweep = Path(args.sweep)
@@ -98,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     gates, budgets = args.gates.split(","), [float(b) for b in args.budgets.split(",")]
     common = common_points(points)
     seeds = sorted({p["seed"] for p in points})
-    result = {"mean": reading(common, gates, budgets),
-              "seeds": {s: reading([p for p in common if p["seed"] == s], gates, budgets)
+    result = {"mean": reading(common, gates, budgets, args.baseline),
+              "seeds": {s: reading([p for p in common if p["seed"] == s], gates, budgets,
+                                   args.baseline)
                         for s in seeds}}
     print(f"toxicity % at equal in-domain perplexity ({sweep}; seed mean, seeds {seeds} in "
           f"brackets)")
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             per = " / ".join(f"{100 * result['seeds'][s][key]:.0f}" for s in seeds)
             cells.append(f"{100 * result['mean'][key]:.1f} % ({per})")
         print(f"| {b:g}× | " + " | ".join(cells) + " |")
-    defaults = at_defaults(points, gates)
+    defaults = at_defaults(points, gates, args.baseline)
     if defaults:
         result["defaults"] = defaults
         print("\nat the recipe's default strength (grid 'auto'), and the fronts read at its "
