@@ -73,7 +73,7 @@ def make_engine(model: str, recipes: dict[str, Path] | None, eager: bool, args):
 
     # vLLM 0.32 picks Model Runner V2 wherever Triton is installed (so on CUDA, config/vllm.py,
     # use_v2_model_runner); steerwise.vllm needs the V1 runner, and vanilla gets the same runner
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault(sv.ENV_V2_RUNNER, "0")
     extra = sv.engine_args({k: str(v) for k, v in recipes.items()}) if recipes else {}
     kw = {"enforce_eager": eager, "seed": 0, "max_model_len": args.prompt_len + args.tokens + 8,
           "max_num_seqs": args.prompts, "enable_prefix_caching": False, "dtype": args.dtype}

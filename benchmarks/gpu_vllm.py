@@ -54,6 +54,8 @@ from bench_vllm import (
     summary,
 )
 
+import steerwise.vllm as sv
+
 ROOT = Path(__file__).resolve().parents[1]
 # Qwen2.5-1.5B's architecture (its config.json, less the training-only fields)
 QWEN25_1P5B: dict[str, Any] = {
@@ -65,7 +67,7 @@ QWEN25_1P5B: dict[str, Any] = {
 SMOKE = {**QWEN25_1P5B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1}
 # the settings the JSON records
-ENV = ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CACHE_ROOT")
+ENV = (sv.ENV_V2_RUNNER, "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CACHE_ROOT")
 # (full, --smoke) defaults of the options that take None
 DEFAULTS = {"prompts": (32, 4), "prompt_len": (32, 16), "tokens": (128, 16), "repeats": (5, 2),
             "parity_prompts": (4, 3), "parity_tokens": (32, 12)}
@@ -124,7 +126,6 @@ def parity(model_dir: Path, recipe_dir: Path, prompts: list[list[int]], args) ->
     import torch
     from vllm import SamplingParams
 
-    import steerwise.vllm as sv
     from steerwise.models import load_model
     from steerwise.recipe import Recipe
 
@@ -243,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not torch.cuda.is_available():
         args.kv_cache_bytes = args.kv_cache_bytes or 1 << 30
-        if (os.cpu_count() or 1) <= 4:  # vLLM CPU keeps a core for its scheduler otherwise
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        sv.use_every_cpu_core()
     tmp = Path(tempfile.mkdtemp(prefix="gpu_vllm_"))
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp / "vllm-cache"))
 

@@ -59,6 +59,16 @@ def open_unit_interval(text: str) -> float:
     return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+OFF = ("off", "none")  # how an optional share is switched off in text (a flag, a sweep variant)
+
+
+def share_or_off(text: str) -> float | None:
+    """A share in (0, 1), or ``off`` / ``none`` (None)."""
+    if text.strip().lower() in OFF:
+        return None
+    return _number(text, float, "a share in (0, 1) or 'off'", lambda v: 0 < v < 1)
+
+
 def positive_int(text: str) -> int:
     return int(_number(text, int, "an integer >= 1", lambda v: v >= 1))
 

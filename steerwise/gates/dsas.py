@@ -43,33 +43,19 @@ from ..activations import TOKEN_TEXT, drop_first_token
 from ..kernel import LinearGate
 from ..maps.base import as_float_rows
 from ..options import (
+    OFF,
     Options,
     int_at_least,
     non_negative_int,
     open_unit_interval,
     option,
     positive_int,
+    share_or_off,
     unit_interval,
 )
 from .base import Gate, GateFit, GateFitter, StepContext, register_gate, register_gate_fitter
 
 APPLY_ON = ("tokens", "prefix-mean")
-OFF = ("off", "none")  # how ``calibrate`` is switched off in text (a flag, a sweep variant)
-
-
-def share_or_off(text: str) -> float | None:
-    """Command-line type of ``--gate-calibrate``: a share in (0, 1), or ``off`` (None)."""
-    import argparse
-
-    if text.strip().lower() in OFF:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1) or 'off', got {text!r}")
-    return value
 
 
 @dataclass

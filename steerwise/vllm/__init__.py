@@ -48,6 +48,7 @@ __all__ = [
     "parse_request",
     "steered_prompt",
     "steering_args",
+    "use_every_cpu_core",
 ]
 
 
@@ -86,6 +87,15 @@ def engine_args(recipes: Mapping[str, str | os.PathLike], **overrides: Any) -> d
     overrides.pop("worker_cls", None)
     return {"worker_cls": WORKER_CLS, "additional_config": extra, "logits_processors": procs,
             **overrides}
+
+
+def use_every_cpu_core() -> None:
+    """On a CPU machine of at most 4 cores, let vLLM's worker use them all
+    (``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` unless set): vLLM keeps a core for its scheduler, which
+    on 2 cores halves the worker's threads (measured: 100 prompts x 30 greedy tokens 60 s ->
+    42 s). Call it before the engine starts."""
+    if (os.cpu_count() or 1) <= 4:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def known_recipes() -> dict[str, float] | None:

